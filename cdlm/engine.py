@@ -1,0 +1,281 @@
+"""LLMEngine: scheduler + model runner + tokenizer. One engine behind the Python API, the CLI
+and the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cdlm.block_manager import BlockManager
+from cdlm.config import DECODING_MODES, EngineConfig
+from cdlm.kv_cache import KVCachePool
+from cdlm.model_runner import ModelRunner
+from cdlm.models.loader import load_model, resolve_device, resolve_model_path
+from cdlm.models.transformer import DiffusionLM
+from cdlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from cdlm.sampling_params import SamplingParams
+from cdlm.scheduler import QueueFullError, Scheduler, Sequence
+from cdlm.tokenizer import Tokenizer
+
+__all__ = ["LLMEngine", "QueueFullError", "EngineStats", "StepStats"]
+
+logger = logging.getLogger(__name__)
+
+# KV budget when none is configured: this many tokens per running request, capped by memory.
+_DEFAULT_TOKENS_PER_SEQ = 2048
+_CPU_KV_BYTES_CAP = 2 << 30
+_CUDA_KV_FRACTION = 0.5
+
+
+@dataclass
+class StepStats:
+    """What one engine step did (for metrics)."""
+
+    batch_size: int = 0
+    tokens_finalized: list[int] = field(default_factory=list)  # per request in the step
+    block_steps: list[int] = field(default_factory=list)       # per block completed
+    prompt_tokens_admitted: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_steps: int = 0
+    last_step: StepStats = field(default_factory=StepStats)
+
+
+class LLMEngine:
+    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer,
+                 engine_config: EngineConfig | None = None, model_name: str = "cdlm") -> None:
+        self.config = engine_config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.model_config = model.config
+        self.block_size = self.config.block_size or model.config.block_size
+        self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        page_size = self.config.page_size
+        num_pages = self._kv_pages(page_size)
+        self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device)
+        self.scheduler = Scheduler(BlockManager(num_pages, page_size), self.config.max_num_seqs,
+                                   self.config.max_queue)
+        self.runner = ModelRunner(model, self.pool, self.block_size, self.config.seed)
+        self.stop_token_ids = frozenset(
+            t for t in (model.config.eos_token_id, tokenizer.eot_token_id) if t is not None)
+        self.stats = EngineStats()
+        self._prompts: dict[str, str | None] = {}
+        self._stop_truncation: dict[str, str] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, lora: str | None = None,
+                        engine_config: EngineConfig | None = None,
+                        revision: str | None = None) -> "LLMEngine":
+        """Load a checkpoint (directory or hub id), or the bundled default when model is None."""
+        engine_config = engine_config or EngineConfig()
+        name = model
+        if model is None:
+            from cdlm.default_model import default_model
+            model, default_lora = default_model()
+            lora = lora if lora is not None else default_lora
+            name = "cdlm-default"
+        path = resolve_model_path(model, revision)
+        network = load_model(path, lora=lora, dtype=engine_config.dtype,
+                             device=engine_config.device)
+        tokenizer = Tokenizer.from_pretrained(path)
+        return cls(network, tokenizer, engine_config, model_name=str(name))
+
+    def _kv_pages(self, page_size: int) -> int:
+        if self.config.kv_cache_tokens is not None:
+            return self.config.kv_cache_tokens // page_size
+        tokens = self.config.max_num_seqs * min(_DEFAULT_TOKENS_PER_SEQ, self.max_model_len)
+        per_token = KVCachePool.bytes_per_token(self.model_config, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cap = int(free * _CUDA_KV_FRACTION)
+        else:
+            cap = _CPU_KV_BYTES_CAP
+        tokens = max(page_size, min(tokens, cap // per_token))
+        return tokens // page_size
+
+    # --- requests -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    mode: str | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError for bad input, QueueFullError when full."""
+        mode = mode or self.config.default_mode
+        if mode not in DECODING_MODES:
+            raise ValueError(f"unknown decoding mode {mode!r}; choose one of {DECODING_MODES}")
+        prompt_ids = self.encode_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"request asks for {total} ({len(prompt_ids)} in the prompt + {params.max_tokens} "
+                f"max_tokens); reduce the prompt or max_tokens")
+        seq = Sequence(
+            seq_id=request_id, prompt_token_ids=prompt_ids, params=params, mode=mode,
+            block_size=self.block_size, mask_token_id=self.model_config.mask_token_id,
+            stop_token_ids=self.stop_token_ids | frozenset(params.stop_token_ids),
+            threshold=params.threshold if params.threshold is not None else self.config.threshold,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+        self.scheduler.add(seq)
+        self._prompts[request_id] = prompt if isinstance(prompt, str) else None
+        self._refresh_gauges()
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV pages return to the pool before the next step."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._forget(seq)
+        self._refresh_gauges()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        seqs = scheduled.seqs
+        step_stats = StepStats(batch_size=len(seqs),
+                               prompt_tokens_admitted=sum(s.prompt_len for s in scheduled.admitted))
+        if not seqs:
+            self.stats.last_step = step_stats
+            self._refresh_gauges()
+            return []
+        decided, failed = self._execute_isolating_faults(seqs)
+        outputs: list[RequestOutput] = []
+        for seq, message in failed:
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq, error=message))
+            self._forget(seq)
+        ok = [s for s in seqs if not s.is_finished]
+        update = self.scheduler.update(ok, [decided[s.seq_id] for s in ok])
+        step_stats.tokens_finalized = update.tokens_finalized
+        step_stats.block_steps = [steps for _, steps in update.blocks_completed]
+        reported: dict[str, RequestOutput] = {}
+        for seq, steps in update.blocks_completed:
+            out = reported.setdefault(seq.seq_id, self._output(seq))
+            out.new_block_steps.append(steps)
+        for seq in ok:
+            if seq.params.stop and self._hit_stop_string(seq):
+                reported[seq.seq_id] = self._output(seq)
+        for seq in update.finished:
+            reported[seq.seq_id] = self._output(seq, block_steps=reported.get(seq.seq_id))
+        for out in reported.values():
+            if out.finished:
+                self._forget_id(out.request_id)
+        outputs.extend(reported.values())
+        step_stats.duration_s = time.perf_counter() - started
+        self.stats.num_steps += 1
+        self.stats.last_step = step_stats
+        self._refresh_gauges()
+        return outputs
+
+    def _execute_isolating_faults(self, seqs: list[Sequence]
+                                  ) -> tuple[dict[str, tuple[list[int], list[int]]],
+                                             list[tuple[Sequence, str]]]:
+        """Run the step; if it raises, rerun each request alone so one bad request fails alone.
+        (Re-running is safe: a pass only writes K/V of final tokens, which is idempotent.)"""
+        try:
+            results = self.runner.execute(seqs)
+            return {s.seq_id: r for s, r in zip(seqs, results)}, []
+        except Exception:
+            if len(seqs) == 1:
+                logger.exception("request %s failed", seqs[0].seq_id)
+                return {}, [(seqs[0], "internal error while decoding this request")]
+        decided, failed = {}, []
+        for seq in seqs:
+            try:
+                decided[seq.seq_id] = self.runner.execute([seq])[0]
+            except Exception:
+                logger.exception("request %s failed", seq.seq_id)
+                failed.append((seq, "internal error while decoding this request"))
+        return decided, failed
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """End the request at the earliest stop string in its final text, if any."""
+        tokens = seq.output_token_ids if seq.is_finished else seq.contiguous_output()
+        skip = seq.params.skip_special_tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=skip)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        cut = min(hits)
+        # The fewest tokens whose text already contains the stop string.
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            prefix = self.tokenizer.decode(tokens[:mid], skip_special_tokens=skip)
+            if any(s in prefix for s in seq.params.stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        self._stop_truncation[seq.seq_id] = text[:cut]
+        if seq.is_finished:  # ended by an end token in this same step: cut its output too
+            seq.output_token_ids = tokens[:lo]
+            seq.finish_reason = "stop"
+        else:
+            self.scheduler.finish(seq, "stop", output_len=lo)
+        return True
+
+    def _output(self, seq: Sequence, error: str | None = None,
+                block_steps: RequestOutput | None = None) -> RequestOutput:
+        finished = seq.is_finished
+        tokens = seq.output_token_ids if finished else list(seq.finished_tokens)
+        text = self._stop_truncation.get(seq.seq_id)
+        if text is None:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=seq.params.skip_special_tokens)
+            if not finished:
+                text = text.rstrip("\ufffd")  # an unfinished UTF-8 character: wait for more
+        out = RequestOutput(
+            request_id=seq.seq_id,
+            prompt=self._prompts.get(seq.seq_id),
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(index=0, text=text, token_ids=list(tokens),
+                                      finish_reason=seq.finish_reason if finished else None,
+                                      steps=seq.steps, num_blocks=seq.num_blocks)],
+            finished=finished,
+            metrics=RequestMetrics(arrival_time=seq.arrival_time,
+                                   first_scheduled_time=seq.first_scheduled_time,
+                                   first_block_time=seq.first_block_time,
+                                   last_block_time=seq.last_block_time,
+                                   finished_time=seq.finished_time),
+            error=error)
+        if block_steps is not None:
+            out.new_block_steps = block_steps.new_block_steps
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self._forget_id(seq.seq_id)
+
+    def _forget_id(self, request_id: str) -> None:
+        self.runner.release(request_id)
+        self._prompts.pop(request_id, None)
+        self._stop_truncation.pop(request_id, None)
+
+    def _refresh_gauges(self) -> None:
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.kv_cache_usage = self.scheduler.block_manager.usage

@@ -1,0 +1,201 @@
+"""Turns a scheduled step into tensors, runs the model once per decoding mode, samples.
+
+Three ways to get the logits of each request's current block (see docs/ARCHITECTURE.md):
+- `cdlm`: block-causal with the exact KV cache. The pass carries the tokens to commit (the
+  prompt on a request's first pass, the just-completed block afterwards) followed by the current
+  block; the committed tokens' K/V are written to the pool in that same pass.
+- `reference`: block-causal, recomputing prompt + completed blocks + block every step.
+- `bidirectional`: the teacher: prompt + the whole generation window, full attention.
+
+Dream predicts position i from hidden state i-1, so block position 0 comes from the last
+committed token. In `cdlm` mode that token is only in the pass that commits it; its logits are
+kept per request for the block's later steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cdlm.attention import CACHED_SEGMENT, block_causal_mask, sequence_segments
+from cdlm.config import ModelConfig
+from cdlm.kv_cache import KVCachePool
+from cdlm.models.transformer import DiffusionLM, KVWrite
+from cdlm.sampler import predict_tokens, select_positions
+from cdlm.scheduler import Sequence
+
+# Segment given to padding queries: they may look at every real key (their output is dropped),
+# which keeps softmax rows from being empty.
+_PAD_SEGMENT = 1 << 30
+
+
+@dataclass
+class BlockLogits:
+    seqs: list[Sequence]
+    logits: torch.Tensor  # [batch, block, vocab]
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionLM, pool: KVCachePool, block_size: int,
+                 engine_seed: int = 0) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.pool = pool
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        self._first_logits: dict[str, torch.Tensor] = {}     # Dream, cdlm mode: [vocab]
+        self._generators: dict[str, torch.Generator] = {}
+        self._seed_source = torch.Generator().manual_seed(engine_seed)
+
+    # --- per-request state ------------------------------------------------------------------
+    def release(self, seq_id: str) -> None:
+        self._first_logits.pop(seq_id, None)
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.greedy:
+            return None
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            seed = seq.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[seq.seq_id] = gen
+        return gen
+
+    # --- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence]) -> list[tuple[list[int], list[int]]]:
+        """Run one denoising step for every sequence; returns the (positions, tokens) decided."""
+        by_mode: dict[str, list[int]] = {}
+        for index, seq in enumerate(seqs):
+            by_mode.setdefault(seq.mode, []).append(index)
+        results: list[tuple[list[int], list[int]]] = [([], [])] * len(seqs)
+        for mode, indices in by_mode.items():
+            group = [seqs[i] for i in indices]
+            logits = getattr(self, f"_logits_{mode}")(group)
+            for i, decided in zip(indices, self._decide(group, logits)):
+                results[i] = decided
+        return results
+
+    def _decide(self, seqs: list[Sequence], logits: torch.Tensor
+                ) -> list[tuple[list[int], list[int]]]:
+        device = logits.device
+        block = torch.tensor([s.block for s in seqs], device=device)               # [batch, block]
+        limit = torch.tensor([s.block_limit for s in seqs], device=device)
+        positions = torch.arange(self.block_size, device=device)
+        eligible = (block == self.config.mask_token_id) & (positions[None, :] < limit[:, None])
+        tokens, confidence = predict_tokens(
+            logits, [s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
+            [self._generator(s) for s in seqs])
+        threshold = torch.tensor([s.threshold for s in seqs], device=device)
+        per_step = torch.tensor([s.params.tokens_per_step or 0 for s in seqs], device=device)
+        chosen = select_positions(confidence, eligible, threshold, per_step)
+        # The one host sync of the step: which positions were finalised, and to what.
+        rows, cols = chosen.nonzero(as_tuple=True)
+        picked = torch.stack((rows, cols, tokens[rows, cols])).tolist()
+        decided: list[tuple[list[int], list[int]]] = [([], []) for _ in seqs]
+        for row, col, tok in zip(*picked):
+            decided[row][0].append(col)
+            decided[row][1].append(tok)
+        return decided
+
+    # --- cdlm: block-causal + exact KV cache --------------------------------------------------
+    def _logits_cdlm(self, seqs: list[Sequence]) -> torch.Tensor:
+        device, bsz = self.device, self.block_size
+        commits = [s.known_tokens[s.num_cached:] for s in seqs]
+        commit_len = torch.tensor([len(c) for c in commits], device=device)         # [batch]
+        row_len = commit_len + bsz
+        width = int(row_len.max())
+        batch = len(seqs)
+        ids = torch.full((batch, width), self.config.mask_token_id, dtype=torch.long)
+        for r, (seq, commit) in enumerate(zip(seqs, commits)):
+            ids[r, :len(commit) + bsz] = torch.tensor(commit + seq.block, dtype=torch.long)
+        ids = ids.to(device)
+        cached = torch.tensor([s.num_cached for s in seqs], device=device)          # [batch]
+        offsets = torch.arange(width, device=device)[None, :]                       # [1, width]
+        positions = cached[:, None] + offsets                                       # [batch, width]
+        is_real = offsets < row_len[:, None]
+        in_block = (offsets >= commit_len[:, None]) & is_real
+        query_segments = torch.where(is_real, in_block.long(), torch.full_like(positions, _PAD_SEGMENT))
+
+        prefix_len = int(cached.max())
+        page_table = self._page_table(seqs)
+        if prefix_len > 0:
+            prefix_pos = torch.arange(prefix_len, device=device)[None, :].expand(batch, -1)
+            prefix_valid = prefix_pos < cached[:, None]
+            prefix_slots = torch.where(prefix_valid, self.pool.slots(page_table, prefix_pos),
+                                       torch.zeros_like(prefix_pos))
+            key_segments = torch.cat((torch.full_like(prefix_pos, CACHED_SEGMENT), query_segments), 1)
+            key_valid = torch.cat((prefix_valid, is_real), dim=1)
+        else:
+            prefix_slots, key_segments, key_valid = None, query_segments, is_real
+        mask = block_causal_mask(query_segments, key_segments, key_valid)
+
+        commits_here = offsets < commit_len[:, None]                                # [batch, width]
+        write_rows = commits_here.reshape(-1).nonzero(as_tuple=True)[0]             # [n]
+        write_pos = positions.reshape(-1)[write_rows]
+        write_page = page_table[write_rows // width, write_pos // self.pool.page_size]
+        write_slots = write_page * self.pool.page_size + write_pos % self.pool.page_size
+        kv = KVWrite(self.pool.k, self.pool.v, prefix_slots, write_rows, write_slots)
+        hidden = self.model(ids, positions, mask, kv)                               # [batch, width, d]
+
+        shift = self.config.prediction_shift
+        gather = commit_len[:, None] - shift + torch.arange(bsz, device=device)[None, :]
+        logits = self._gather_logits(hidden, gather.clamp(min=0))                   # [batch, bsz, vocab]
+        if shift:
+            for r, seq in enumerate(seqs):
+                if commits[r]:
+                    self._first_logits[seq.seq_id] = logits[r, 0].clone()
+                else:
+                    logits[r, 0] = self._first_logits[seq.seq_id]
+        return logits
+
+    def _page_table(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(1, max(len(s.pages) for s in seqs))
+        table = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
+        return torch.tensor(table, dtype=torch.long, device=self.device)
+
+    def _gather_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """lm_head only where a prediction is needed. index [batch, block] into the seq axis."""
+        picked = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.model.logits(picked)
+
+    # --- reference: block-causal, no cache ------------------------------------------------------
+    def _logits_reference(self, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [s.known_tokens + s.block for s in seqs]
+        segments = [sequence_segments(s.prompt_len, len(r), self.block_size) for s, r in zip(seqs, rows)]
+        starts = [len(s.known_tokens) for s in seqs]
+        return self._full_sequence_logits(rows, segments, starts)
+
+    # --- bidirectional teacher ------------------------------------------------------------------
+    def _logits_bidirectional(self, seqs: list[Sequence]) -> torch.Tensor:
+        rows, segments, starts = [], [], []
+        for seq in seqs:
+            future = (seq.num_window_blocks * self.block_size - seq.generated_len - self.block_size)
+            row = seq.known_tokens + seq.block + [self.config.mask_token_id] * future
+            rows.append(row)
+            segments.append(torch.zeros(len(row), dtype=torch.long))
+            starts.append(len(seq.known_tokens))
+        return self._full_sequence_logits(rows, segments, starts)
+
+    def _full_sequence_logits(self, rows: list[list[int]], segments: list[torch.Tensor],
+                              block_starts: list[int]) -> torch.Tensor:
+        device = self.device
+        width = max(len(r) for r in rows)
+        batch = len(rows)
+        ids = torch.full((batch, width), self.config.mask_token_id, dtype=torch.long)
+        seg = torch.full((batch, width), _PAD_SEGMENT, dtype=torch.long)
+        valid = torch.zeros((batch, width), dtype=torch.bool)
+        for r, (row, row_seg) in enumerate(zip(rows, segments)):
+            ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+            seg[r, :len(row)] = row_seg
+            valid[r, :len(row)] = True
+        ids, seg, valid = ids.to(device), seg.to(device), valid.to(device)
+        positions = torch.arange(width, device=device)[None, :].expand(batch, -1)
+        hidden = self.model(ids, positions, block_causal_mask(seg, seg, valid))
+        starts = torch.tensor(block_starts, device=device)[:, None]
+        index = starts - self.config.prediction_shift + torch.arange(self.block_size, device=device)[None, :]
+        return self._gather_logits(hidden, index)

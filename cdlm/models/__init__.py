@@ -1,0 +1,3 @@
+from cdlm.models.transformer import DiffusionLM, KVWrite
+
+__all__ = ["DiffusionLM", "KVWrite"]
