@@ -54,6 +54,16 @@ class ModelConfig:
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary")
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "ModelConfig":
+        """Read a checkpoint's config.json (either family's format); peft calls this too."""
+        from cdlm.models.loader import load_config, resolve_model_path
+        return load_config(resolve_model_path(name_or_path))
+
+    @property
+    def model_type(self) -> str:
+        return self.family
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
