@@ -137,4 +137,8 @@ def _byte_level_bpe(path: Path, config: dict[str, Any]) -> _HFTokenizer:
             tok.add_special_tokens([token])
         else:
             tok.add_tokens([token])
+    for index, spec in added.items():
+        if tok.token_to_id(spec["content"]) != int(index):
+            raise ValueError(f"{path}: added token {spec['content']!r} declared as id {index} "
+                             f"but lands at {tok.token_to_id(spec['content'])}")
     return tok

@@ -1,0 +1,63 @@
+"""Tokenizer files as the families ship them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import ByteLevelBPETokenizer
+
+from cdlm.tokenizer import ChatTemplateError, Tokenizer
+from checkpoints import CHATML_TEMPLATE
+
+TEXT = ("Dream shifts predictions by one position. 12 + 30 = 42!\n"
+        "  def f(x):\n      return x * 2  # ünïcödé ✓ 你好")
+
+
+@pytest.fixture(scope="module")
+def dream_style_tokenizer_dir(tmp_path_factory):
+    """vocab.json + merges.txt + tokenizer_config.json with added tokens, no tokenizer.json:
+    how Dream-v0 ships its Qwen2-style tokenizer (under a custom class name)."""
+    out = tmp_path_factory.mktemp("dream_tok")
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog"] * 20,
+                                vocab_size=400, min_frequency=1, show_progress=False)
+    trainer.save_model(str(out))
+    base = trainer.get_vocab_size()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+    added = {str(base + i): {"content": t, "special": True, "normalized": False}
+             for i, t in enumerate(specials)}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DreamTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "added_tokens_decoder": added, "eos_token": "<|endoftext|>",
+        "chat_template": CHATML_TEMPLATE}))
+    return out, base
+
+
+def test_dream_style_files_match_transformers_qwen2_tokenizer(dream_style_tokenizer_dir):
+    from transformers import Qwen2TokenizerFast
+    path, base = dream_style_tokenizer_dir
+    ours = Tokenizer.from_pretrained(path)
+    merges = [tuple(line.split(" ")) for line in (path / "merges.txt").read_text().splitlines()
+              if line and not line.startswith("#version")]
+    theirs = Qwen2TokenizerFast(vocab=json.loads((path / "vocab.json").read_text()), merges=merges)
+    theirs.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>",
+                                                             "<|im_end|>", "<|mask|>"]})
+    assert ours.encode(TEXT, add_special_tokens=False) == theirs.encode(TEXT, add_special_tokens=False)
+    assert ours.token_to_id("<|im_end|>") == base + 2 == ours.eot_token_id
+    ids = ours.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == ours.token_to_id("<|im_start|>")
+    assert ours.decode(ids, skip_special_tokens=True) == "user\nhi\nassistant\n"
+    assert ours.decode(ours.encode(TEXT)) == TEXT
+
+
+def test_template_errors_are_user_errors(tmp_path):
+    from cdlm.default_model import write_byte_tokenizer
+    write_byte_tokenizer(tmp_path, chat_template="{{ raise_exception('only user turns') }}")
+    tok = Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ChatTemplateError, match="only user turns"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}])
+    write_byte_tokenizer(tmp_path / "none", chat_template="")
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        Tokenizer.from_pretrained(tmp_path / "none").apply_chat_template([])
