@@ -1,0 +1,102 @@
+"""Trajectory storage: streaming safetensors shards plus a JSON index.
+
+One record per prompt (SPEC section 3):
+  prompt_ids   [P]       the templated prompt
+  tokens       [G]       the teacher's final token at each generated position
+  steps        [G]       the step (0-based, counted over the whole request) at which each position
+                         was finalised; positions never decoded (past the early stop) hold -1
+  hidden       [G, D]    the teacher's last hidden state (the lm_head input) at each position at
+                         the moment it was finalised, so teacher logits = lm_head(hidden)
+  answer_ids   [A]       the ground-truth answer, tokenised (for the DLM loss)
+Records of a shard are concatenated along dim 0 with offsets, so a shard is four flat tensors
+per field; a shard is written to a temporary name and renamed, so a shard file on disk is
+always complete, and a killed collection resumes by skipping the shards that exist.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.io_utils import atomic_write_json
+
+FIELDS: tuple[str, ...] = ("prompt_ids", "tokens", "steps", "hidden", "answer_ids")
+INDEX = "index.json"
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: torch.Tensor   # [P] long
+    tokens: torch.Tensor       # [G] long
+    steps: torch.Tensor        # [G] long, -1 = never finalised
+    hidden: torch.Tensor       # [G, D] (float16 on disk)
+    answer_ids: torch.Tensor   # [A] long
+    meta: dict                 # prompt index, family, reference answer text, ...
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.steps.max().item()) + 1 if self.steps.numel() else 0
+
+
+def shard_name(chunk: int) -> str:
+    return f"shard-{chunk:05d}.safetensors"
+
+
+def save_shard(path: Path, records: list[Trajectory], hidden_dtype: torch.dtype) -> None:
+    """Concatenate the records' fields, store offsets, write atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in FIELDS:
+        parts = [getattr(r, name) for r in records]
+        lengths = torch.tensor([p.shape[0] for p in parts], dtype=torch.long)
+        tensors[f"{name}.offsets"] = torch.cat([torch.zeros(1, dtype=torch.long),
+                                                lengths.cumsum(0)])
+        data = torch.cat(parts) if parts else torch.zeros(0)
+        tensors[name] = (data.to(hidden_dtype) if name == "hidden" else data.to(torch.int32))
+        tensors[name] = tensors[name].contiguous()
+    metadata = {"meta": json.dumps([r.meta for r in records])}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_shard(path: Path) -> list[Trajectory]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metas = json.loads(f.metadata()["meta"])
+    t = load_file(str(path))
+    out = []
+    for i, meta in enumerate(metas):
+        fields = {}
+        for name in FIELDS:
+            lo, hi = t[f"{name}.offsets"][i].item(), t[f"{name}.offsets"][i + 1].item()
+            x = t[name][lo:hi]
+            fields[name] = x.float() if name == "hidden" else x.long()
+        out.append(Trajectory(meta=meta, **fields))
+    return out
+
+
+def write_index(root: Path, num_chunks: int, chunk_size: int, num_prompts: int,
+                extra: dict) -> dict:
+    """List the shards present; `complete` says whether every chunk has been collected."""
+    present = sorted(p.name for p in root.glob("shard-*.safetensors"))
+    index = {"num_prompts": num_prompts, "chunk_size": chunk_size, "num_chunks": num_chunks,
+             "shards": present, "complete": len(present) == num_chunks, **extra}
+    atomic_write_json(root / INDEX, index)
+    return index
+
+
+def read_index(root: str | Path) -> dict:
+    return json.loads((Path(root) / INDEX).read_text())
+
+
+def iter_trajectories(root: str | Path) -> Iterator[Trajectory]:
+    """Stream records shard by shard (a 7B-scale collection never has to fit in memory)."""
+    root = Path(root)
+    for name in read_index(root)["shards"]:
+        yield from load_shard(root / name)

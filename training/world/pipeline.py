@@ -1,0 +1,85 @@
+"""`python -m training world`: the whole small-world chain, each stage skipped when done.
+
+data + tokenizer -> teacher (from scratch) -> collect -> distill -> eval. Every stage writes its
+outputs atomically and resumes from its own checkpoint, so rerunning the command after an
+interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.collect import CollectConfig, collect
+from training.distill import DistillConfig, distill
+from training.evaluate import EvalConfig, evaluate, markdown_table
+from training.io_utils import read_jsonl, write_jsonl
+from training.teacher import TeacherConfig, train_teacher
+from training.world.build import build_world_data, data_path
+from training.world.tasks import FAMILIES
+
+
+@dataclass
+class WorldConfig:
+    train_per_family: int = 20000
+    test_per_family: int = 200
+    collect_per_family: int = 750
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=3000, batch_size=32))
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def preset(cls, name: str) -> "WorldConfig":
+        if name == "full":
+            return cls()
+        if name == "micro":  # every stage for real, in seconds (tests)
+            return cls(train_per_family=64, test_per_family=4, collect_per_family=4,
+                       teacher=TeacherConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                             intermediate_size=64, steps=4, batch_size=8,
+                                             ckpt_every=2, log_every=1, warmup=1),
+                       collect=CollectConfig(batch_size=4, chunk_size=4),
+                       distill=DistillConfig(lora_r=4, lora_alpha=8, steps=3, batch_size=4,
+                                             ckpt_every=2, log_every=1, warmup=1),
+                       eval=EvalConfig(limit=2, warmup=0))
+        raise ValueError(f"unknown preset {name!r}")
+
+
+def collect_prompts(root: Path, per_family: int) -> Path:
+    """The first `per_family` training prompts of each family, interleaved (stable order)."""
+    path = root / "data" / "collect.jsonl"
+    if not path.exists():
+        per = [read_jsonl(data_path(root, f, "train"))[:per_family] for f in FAMILIES]
+        rows = [r for group in zip(*per) for r in group]
+        write_jsonl(path, rows)
+    return path
+
+
+def run_world(root: Path, cfg: WorldConfig, log=print) -> dict:
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        t0 = time.time()
+        result = fn()
+        timings[name] = round(time.time() - t0, 1)
+        log(f"[world] {name}: done in {timings[name]} s")
+        return result
+
+    stage("world-data", lambda: build_world_data(root, cfg.train_per_family,
+                                                 cfg.test_per_family))
+    teacher = stage("teacher", lambda: train_teacher(
+        [data_path(root, f, "train") for f in FAMILIES], root / "tokenizer",
+        root / "teacher", cfg.teacher))
+    prompts = collect_prompts(root, cfg.collect_per_family)
+    cfg.collect.gen_len, cfg.collect.block_size = cfg.teacher.gen_len, cfg.teacher.block_size
+    stage("collect", lambda: collect(teacher, [prompts], root / "trajectories", cfg.collect))
+    adapter = stage("distill", lambda: distill(teacher, root / "trajectories", root / "student",
+                                                cfg.distill))
+    cfg.eval.gen_len = cfg.teacher.gen_len
+    report = stage("eval", lambda: evaluate(teacher, adapter,
+                                            {f: data_path(root, f, "test") for f in FAMILIES},
+                                            root / "eval", cfg.eval))
+    log(markdown_table(report))
+    log(f"[world] stage times (s): {timings}")
+    return report
