@@ -63,6 +63,9 @@ OPTIONS: tuple[_Opt, ...] = (
          "seconds to let in-flight requests finish after SIGTERM"),
     _Opt("--max-model-len", "CDLM_MAX_MODEL_LEN", _int_or_auto, None,
          "context length (prompt + max_tokens); default: the model's"),
+    _Opt("--num-threads", "CDLM_NUM_THREADS", _int_or_auto, None,
+         "torch CPU threads (default: torch's choice; set it to the CPU limit in containers "
+         "to avoid oversubscription)"),
     _Opt("--log-level", "CDLM_LOG_LEVEL", str, "info", "debug | info | warning | error"),
 )
 
@@ -114,6 +117,10 @@ def _engine_limits(engine: Any) -> tuple[int | None, int | None]:
 def build_engine(settings: dict[str, Any]) -> Any:
     from cdlm.config import EngineConfig
     from cdlm.engine import LLMEngine
+
+    if settings.get("num_threads"):
+        import torch
+        torch.set_num_threads(settings["num_threads"])
 
     ecfg = EngineConfig(threshold=settings["threshold"], max_num_seqs=settings["max_num_seqs"],
                         kv_cache_tokens=settings["kv_cache_tokens"],
