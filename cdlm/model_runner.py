@@ -69,16 +69,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence]) -> list[tuple[list[int], list[int]]]:
         """Run one denoising step for every sequence; returns the (positions, tokens) decided."""
-        by_mode: dict[str, list[int]] = {}
-        for index, seq in enumerate(seqs):
-            by_mode.setdefault(seq.mode, []).append(index)
         results: list[tuple[list[int], list[int]]] = [([], [])] * len(seqs)
-        for mode, indices in by_mode.items():
+        for indices in self._forward_groups(seqs):
             group = [seqs[i] for i in indices]
-            logits = getattr(self, f"_logits_{mode}")(group)
+            logits = getattr(self, f"_logits_{group[0].mode}")(group)
             for i, decided in zip(indices, self._decide(group, logits)):
                 results[i] = decided
         return results
+
+    def _forward_groups(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Which sequences share a forward pass. Modes never mix. On a GPU one pass per mode
+        (the step costs one read of the weights whatever the batch); on a CPU the cost is the
+        tokens computed, so cached rows of different widths (a block alone, a block after a
+        commit, a new prompt) run in separate passes instead of padding to the widest."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        split_widths = self.device.type == "cpu"
+        for index, seq in enumerate(seqs):
+            width = seq.num_pending_commit if seq.mode == "cdlm" and split_widths else 0
+            groups.setdefault((seq.mode, width), []).append(index)
+        return list(groups.values())
 
     def _decide(self, seqs: list[Sequence], logits: torch.Tensor
                 ) -> list[tuple[list[int], list[int]]]:
@@ -105,7 +114,7 @@ class ModelRunner:
     # --- cdlm: block-causal + exact KV cache --------------------------------------------------
     def _logits_cdlm(self, seqs: list[Sequence]) -> torch.Tensor:
         device, bsz = self.device, self.block_size
-        commits = [s.known_tokens[s.num_cached:] for s in seqs]
+        commits = [s.pending_commit() for s in seqs]
         commit_len = torch.tensor([len(c) for c in commits], device=device)         # [batch]
         row_len = commit_len + bsz
         width = int(row_len.max())

@@ -74,6 +74,17 @@ class Sequence:
         """Prompt plus completed blocks: everything before the current block."""
         return self.prompt_token_ids + self.finished_tokens
 
+    def pending_commit(self) -> list[int]:
+        """Tokens before the current block whose K/V are not cached yet (the prompt on the
+        first pass, the just-completed block afterwards)."""
+        if self.num_cached >= self.prompt_len:
+            return self.finished_tokens[self.num_cached - self.prompt_len:]
+        return self.prompt_token_ids[self.num_cached:] + self.finished_tokens
+
+    @property
+    def num_pending_commit(self) -> int:
+        return self.prompt_len + len(self.finished_tokens) - self.num_cached
+
     @property
     def block_start(self) -> int:
         return self.prompt_len + len(self.finished_tokens)
