@@ -171,3 +171,15 @@ def test_cli_generate(tiny_llada):
         assert proc.returncode == 0, proc.stderr
         assert "steps=" in proc.stderr and "tokens/s=" in proc.stderr and "latency=" in proc.stderr
     assert "mode=reference" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_bf16_decoding_runs_all_modes(family, tiny_llada, tiny_dream):
+    """The dtype CUDA uses by default, exercised on CPU: cache pool, sampler and all modes."""
+    path = (tiny_llada if family == "llada" else tiny_dream)[0]
+    llm = LLM(str(path), dtype="bfloat16", threshold=0.3)
+    assert llm.engine.pool.k[0].dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for mode in ("cdlm", "reference", "bidirectional"):
+        out = llm.generate(["abc", "hello world"], params, mode=mode)
+        assert all(len(o.token_ids) == 20 and o.steps >= 1 for o in out)
