@@ -209,13 +209,25 @@ class _Choice:
     params: Any
     count_prompt: bool            # count its prompt tokens in usage (once per prompt, not per n)
     stream: Any = None
-    text: str = ""
+    text: str = ""                # the output so far (final text once finished)
+    sent: str = ""                # what was streamed so far
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     steps: int = 0
     num_blocks: int = 0
     prompt_tokens: int = 0
     started: bool = False
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def _sampling_params(req: P._SamplingFields, max_tokens: int, seed: int | None) -> Any:
@@ -314,24 +326,36 @@ class Generation:
                 self.state.engine.abort(c.request_id)
 
     # --- output handling ----------------------------------------------------------------
-    def _apply(self, c: _Choice, out: Any) -> str:
-        """Update the choice from a cumulative output; return the new text."""
+    def _apply(self, c: _Choice, out: Any, hold_back: bool = False) -> str:
+        """Update the choice from a cumulative output; return the new text to send.
+
+        With `hold_back` (streaming with stop strings) a tail of an unfinished output that
+        could be the start of a stop string is not sent yet: if the stop string completes in
+        the next block, the engine cuts the text before it, and text already sent cannot be
+        taken back."""
         text = out.text
-        if text.startswith(c.text):
-            delta = text[len(c.text):]
-        else:  # cannot happen with final blocks; be safe rather than duplicate text
-            logger.warning("non-monotonic text for %s", c.request_id)
-            delta = text[len(c.text):] if len(text) > len(c.text) else ""
+        if out.finished:
+            reason = out.finish_reason or "stop"
+            if reason not in ("stop", "length"):
+                raise RequestFailedError(f"request ended with finish_reason={reason}")
         c.text = text
+        visible = text
+        if hold_back and not out.finished:
+            visible = text[:len(text) - _stop_prefix_len(text, c.params.stop)]
+        if visible.startswith(c.sent):
+            delta = visible[len(c.sent):]
+            c.sent = visible
+        else:  # text already sent was cut afterwards: it cannot be taken back
+            logger.warning("streamed text of %s is no longer a prefix of its output",
+                           c.request_id)
+            delta = visible[len(c.sent):] if len(visible) > len(c.sent) else ""
+            c.sent = visible if len(visible) > len(c.sent) else c.sent
         c.token_ids = list(out.token_ids)
         c.steps = out.steps
         c.num_blocks = getattr(out.outputs[0], "num_blocks", 0)
         c.prompt_tokens = len(out.prompt_token_ids or ())
         if out.finished:
-            reason = out.finish_reason or "stop"
-            if reason not in ("stop", "length"):
-                raise RequestFailedError(f"request ended with finish_reason={reason}")
-            c.finish_reason = reason
+            c.finish_reason = out.finish_reason or "stop"
         return delta
 
     def usage(self) -> dict:
@@ -409,7 +433,7 @@ class Generation:
         try:
             while left:
                 c, out = await self._next()
-                delta = self._apply(c, out)
+                delta = self._apply(c, out, hold_back=bool(c.params.stop))
                 if out.finished:
                     left -= 1
                 yield self._chunk(c, delta, c.finish_reason)
@@ -434,8 +458,23 @@ class Generation:
 # App
 
 
+MAX_BODY_BYTES = 64 << 20
+
+
 async def _read_body(request: Request) -> dict:
-    raw = await request.body()
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(f"Request body too large (limit {MAX_BODY_BYTES} bytes).",
+                       status_code=413, type="invalid_request_error", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(f"Request body too large (limit {MAX_BODY_BYTES} bytes).",
+                           status_code=413, type="invalid_request_error",
+                           code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -536,7 +575,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                                                      await _read_body(request))
             model = st.check_model(req.model)
             messages = req.check(st.config.max_model_len)
-            ids = _encode_chat(st.engine.engine.tokenizer, messages)
+            ids = await asyncio.to_thread(_encode_chat, st.engine.engine.tokenizer, messages)
             max_len = st.config.max_model_len
             if req.max_tokens is not None:
                 max_tokens = req.max_tokens

@@ -212,3 +212,62 @@ def test_metrics_exposition(live, client):
     assert metric_value(text, "cdlm:request_failure_total", {"reason": "rejected"}) is not None
     assert metric_value(text, "cdlm:prompt_tokens_total") > 0
     assert metric_value(text, "cdlm:steps_per_block_count") >= 1
+
+
+def _stream_text(http, body: dict) -> list[str]:
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(list(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    return [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+
+
+def test_streaming_holds_back_a_possible_stop_prefix(http):
+    """Text that could be the start of a stop string is not streamed until the next block
+    shows it is not (text sent cannot be taken back if the engine then cuts at the stop)."""
+    body = {"model": MODEL, "prompt": "holdback", "max_tokens": 2 * BLOCK, "temperature": 0,
+            "ignore_eos": True}
+    plain = _stream_text(http, body)
+    assert len(plain) == 2
+    first = plain[0]
+    if not first or first[-1] == "\ufffd":
+        pytest.skip("first block has no stable last character")
+    never = "\U0010FFFF"  # a stop string that will not complete
+    held = _stream_text(http, {**body, "stop": [first[-1] + never]})
+    assert held[0] == first[:-1]          # the possible stop prefix waits...
+    assert "".join(held) == "".join(plain)  # ...and is sent with the next block
+    final = http.post("/v1/completions", json={**body, "stop": [first[-1] + never]}).json()
+    assert final["choices"][0]["text"] == "".join(held)
+
+
+def test_streaming_stop_string_across_a_block_boundary(http):
+    """A stop string that starts at the end of one block and completes in the next: the
+    first block's chunk must not leak its first part, and the non-streamed text is cut."""
+    for seed in range(40):
+        body = {"model": MODEL, "prompt": "boundary", "max_tokens": 2 * BLOCK,
+                "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        chunks = _stream_text(http, body)
+        if len(chunks) < 2:
+            continue
+        first, full = chunks[0], "".join(chunks)
+        if len(first) < 2 or len(full) <= len(first):
+            continue
+        stop = first[-1] + full[len(first)]
+        if "\ufffd" in stop or full.find(stop) != len(first) - 1:
+            continue
+        break
+    else:
+        pytest.skip("no seed gave a usable boundary-straddling stop string")
+    body["stop"] = [stop]
+    streamed = _stream_text(http, body)
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["finish_reason"] == "stop"
+    assert plain["text"] == full[:len(first) - 1]
+    assert "".join(streamed) == plain["text"]
+
+
+def test_stop_prefix_holdback_helper():
+    from server.app import _stop_prefix_len
+    assert _stop_prefix_len("hello wor", ["world"]) == 3
+    assert _stop_prefix_len("hello", ["xyz"]) == 0
+    assert _stop_prefix_len("abc", ["c", "bcd"]) == 2
+    assert _stop_prefix_len("", ["ab"]) == 0
