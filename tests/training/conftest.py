@@ -1,0 +1,41 @@
+"""Fixtures: a tiny real LLaDA-layout checkpoint with the small world's tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdlm.models.loader import save_pretrained
+from cdlm.models.transformer import DiffusionLM
+from cdlm.tokenizer import Tokenizer
+from training.teacher import TOKENIZER_FILES, TeacherConfig, model_config
+from training.world.tokenizer import save_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    save_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, world_tokenizer_dir) -> Path:
+    """Random weights, but a real checkpoint on disk: loads through load_model and LLM."""
+    out = tmp_path_factory.mktemp("teacher") / "model"
+    tok = Tokenizer.from_pretrained(world_tokenizer_dir)
+    cfg = TeacherConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                        block_size=8, gen_len=16)
+    torch.manual_seed(0)
+    model = DiffusionLM(model_config(cfg, tok))
+    for p in model.parameters():      # larger weights than default init: peaked predictions
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else None
+    save_pretrained(model, out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(world_tokenizer_dir / name, out / name)
+    return out
