@@ -12,7 +12,11 @@ import pytest
 from serverutil import API_KEY, metric_value, scrape, sse_events
 
 MODEL = "cdlm-default"
-BLOCK = 32
+BLOCK = 32  # the bundled model's block size (checked below)
+
+
+def test_block_size_assumption(live):
+    assert live.engine.block_size == BLOCK
 
 
 @pytest.fixture()

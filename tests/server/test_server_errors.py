@@ -44,9 +44,11 @@ CASES = [
      None),
     ("max-tokens-huge", "/v1/completions", _with(OK, max_tokens=10**12), AUTH, 400,
      "max_tokens", "context_length_exceeded"),
-    ("prompt-over-context", "/v1/completions", _with(OK, prompt=[65] * 4090, max_tokens=16),
+    ("prompt-over-context", "/v1/completions",
+     lambda ctx: _with(OK, prompt=[65] * (ctx - 6), max_tokens=16),
      AUTH, 400, "max_tokens", "context_length_exceeded"),
-    ("text-prompt-over-context", "/v1/completions", _with(OK, prompt="a" * 4090, max_tokens=16),
+    ("text-prompt-over-context", "/v1/completions",
+     lambda ctx: _with(OK, prompt=" ".join(str(i) for i in range(ctx)), max_tokens=16),
      AUTH, 400, "prompt", "context_length_exceeded"),
     ("temperature-string", "/v1/completions", _with(OK, temperature="hot"), AUTH, 400,
      "temperature", None),
@@ -104,8 +106,8 @@ CASES = [
     ("chat-json-mode", "/v1/chat/completions",
      _with(CHAT_OK, response_format={"type": "json_object"}), AUTH, 400, "response_format",
      "unsupported_parameter"),
-    ("chat-over-context", "/v1/chat/completions", _with(CHAT_OK, max_tokens=4096), AUTH, 400,
-     "max_tokens", "context_length_exceeded"),
+    ("chat-over-context", "/v1/chat/completions", lambda ctx: _with(CHAT_OK, max_tokens=ctx),
+     AUTH, 400, "max_tokens", "context_length_exceeded"),
     ("chat-unknown-model", "/v1/chat/completions", _with(CHAT_OK, model="nope"), AUTH, 404,
      "model", "model_not_found"),
     ("unknown-route", "/v1/embeddings", OK, AUTH, 404, None, None),
@@ -115,6 +117,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_request_table(live, case):
     name, path, body, headers, status, param, code = case
+    ctx = live.state.config.max_model_len
+    if callable(body):
+        body = body(ctx)
     with httpx.Client(base_url=live.url, timeout=30) as c:
         if body is None:
             r = c.get(path, headers=headers)
@@ -133,18 +138,20 @@ def test_bad_request_table(live, case):
             assert err["code"] == code, err
         if "context" in name:
             # both numbers: the context length and what was asked
-            assert "4096" in err["message"]
+            assert str(ctx) in err["message"]
         # the server still answers afterwards
         ok = c.post("/v1/completions", json=OK, headers=AUTH)
         assert ok.status_code == 200, ok.text
 
 
 def test_prompt_over_context_message_has_both_numbers(live):
+    ctx = live.state.config.max_model_len
+    n_prompt, n_out = ctx - 96, 200
     r = httpx.post(live.url + "/v1/completions", headers=AUTH, timeout=30,
-                   json=_with(OK, prompt=[65] * 4000, max_tokens=200))
+                   json=_with(OK, prompt=[65] * n_prompt, max_tokens=n_out))
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
-    assert "4096" in msg and "4000" in msg and "200" in msg
+    assert str(ctx) in msg and str(n_prompt) in msg and str(n_out) in msg
 
 
 def test_health_and_metrics_need_no_key(live):
