@@ -70,7 +70,7 @@ ENV HF_HOME=/data/hf \
 # train: the offline pipeline (trajectory collection, distillation) under accelerate/torchrun.
 #   docker run --gpus all --ipc=host -v cdlm-data:/data cdlm:train \
 #     accelerate launch --config_file /opt/cdlm/deploy/training/accelerate_4gpu.yaml \
-#       -m training distill --config /data/config/distill.yaml
+#       -m training distill --base TEACHER --trajectories /data/traj --out /data/student
 # ---------------------------------------------------------------------------------------------
 FROM base AS train
 COPY deploy/training /opt/cdlm/deploy/training

@@ -570,11 +570,27 @@ def test_accelerate_config_is_valid_4gpu_bf16():
     assert str(cfg.mixed_precision) == "bf16"
 
 
-def test_training_jobs_render_with_4_gpus_and_the_pipeline_commands():
+def training_jobs() -> dict[str, dict]:
     docs = kustomize(K8S / "training")
-    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}, docs
+
+
+def job_cli(job: dict) -> tuple[list[str], list[str]]:
+    """(launcher part, `python -m training` argv) of a Job's single container."""
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    cmd = c["command"] + c.get("args", [])
+    m = cmd.index("-m")
+    assert cmd[m + 1] == "training"
+    return cmd[:m], cmd[m + 2:]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_training_jobs_render_with_4_gpus_and_the_pipeline_commands():
+    jobs, docs = training_jobs()
     assert set(jobs) == {"cdlm-collect", "cdlm-distill"}
-    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     accel = yaml.safe_load(ACCELERATE_CONFIG.read_text())
     image_copy = re.search(r"^COPY deploy/training (\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
@@ -583,35 +599,52 @@ def test_training_jobs_render_with_4_gpus_and_the_pipeline_commands():
         pod = job["spec"]["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
         (c,) = pod["containers"]
-        cmd = c["command"] + c.get("args", [])
-        # accelerate launch --config_file <baked config> -m training <stage> --config <file>
-        assert cmd[:2] == ["accelerate", "launch"]
-        cfg_path = cmd[cmd.index("--config_file") + 1]
+        launcher, argv = job_cli(job)
+        # accelerate launch --config_file <config baked into the train image> -m training <stage>
+        assert launcher[:2] == ["accelerate", "launch"]
+        cfg_path = flag(launcher, "--config_file")
         assert cfg_path.startswith(image_copy.group(1) + "/")
         assert (DEPLOY / "training" / Path(cfg_path).name).exists()
-        m = cmd.index("-m")
-        assert cmd[m + 1: m + 3] == ["training", stage]
-        stage_cfg = cmd[cmd.index("--config") + 1]
+        assert argv[0] == stage
         gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
         assert gpus == accel["num_processes"], "one accelerate process per requested GPU"
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        cfg_dir = str(Path(stage_cfg).parent)
-        cm = volumes[mounts[cfg_dir]]["configMap"]["name"]
-        assert cm in configmaps and Path(stage_cfg).name in configmaps[cm], \
-            f"{stage}: {stage_cfg} is not in the mounted ConfigMap"
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
         for v in volumes.values():
             if "persistentVolumeClaim" in v:
                 assert v["persistentVolumeClaim"]["claimName"] in claims
         assert "/data/artifacts" in mounts and "/data/hf" in mounts
+        # Every path the stage writes or reads lives on a mounted volume.
+        for name in ("--out", "--prompts", "--trajectories"):
+            if name in argv:
+                assert flag(argv, name).startswith("/data/artifacts/"), (stage, name)
+    _, collect = job_cli(jobs["cdlm-collect"])
+    _, distill = job_cli(jobs["cdlm-distill"])
+    assert flag(collect, "--out") == flag(distill, "--trajectories"), \
+        "distill must read the trajectories collect writes"
     assert jobs["cdlm-distill"]["spec"].get("suspend") is True, "distill waits for collect"
     assert not jobs["cdlm-collect"]["spec"].get("suspend", False)
 
 
+def test_training_job_args_parse_with_the_training_cli():
+    """The Jobs' arguments are accepted by the real `python -m training` parser."""
+    try:
+        from training.__main__ import build_parser
+    except ImportError as exc:
+        pytest.skip(f"training CLI not importable: {exc}")
+    jobs, _ = training_jobs()
+    for job in jobs.values():
+        _, argv = job_cli(job)
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"`python -m training {' '.join(argv)}` is rejected") from exc
+
+
 def test_served_adapter_path_is_where_distill_writes_it():
-    """a100-80gb serves CDLM_LORA from the artifacts volume (at /models) that distill writes
-    (at /data/artifacts): the two paths must name the same directory."""
+    """a100-80gb serves CDLM_LORA from the artifacts volume (mounted at /models) that distill
+    writes (at /data/artifacts, adapter in <out>/adapter): the paths name the same directory."""
     docs = kustomize(K8S / "overlays" / "a100-80gb")
     dep = only(docs, "Deployment")
     (container,) = dep["spec"]["template"]["spec"]["containers"]
@@ -622,8 +655,13 @@ def test_served_adapter_path_is_where_distill_writes_it():
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
     assert mount.get("readOnly") is True
     assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "cdlm-artifacts"
-    distill_cfg = (K8S / "training" / "config" / "distill.yaml").read_text()
-    assert "/data/artifacts/" + lora[len("/models/"):] in distill_cfg
+    jobs, _ = training_jobs()
+    _, distill = job_cli(jobs["cdlm-distill"])
+    written = flag(distill, "--out") + "/adapter"
+    assert written == "/data/artifacts/" + lora[len("/models/"):]
+    _, collect = job_cli(jobs["cdlm-collect"])
+    assert flag(collect, "--model") == flag(distill, "--base") == env["CDLM_MODEL"], \
+        "teacher, student base and served base are one model"
 
 
 def test_torchrun_script(tmp_path):
@@ -632,7 +670,7 @@ def test_torchrun_script(tmp_path):
     res = run(["bash", "-n", str(script)])
     assert res.returncode == 0, res.stderr
     # Run the real launcher (2 CPU processes) through the script, once `training collect`
-    # exists: each rank parses the stage's arguments, and the Jobs pass it `--config`.
+    # exists: each rank parses the stage's arguments.
     env = {**os.environ, "NPROC_PER_NODE": "2", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT)}
     top = subprocess.run([sys.executable, "-m", "training", "--help"], cwd=ROOT, env=env,
@@ -644,7 +682,7 @@ def test_torchrun_script(tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         assert res.stdout.count("usage:") == 2, "torchrun must start 2 ranks"
-        assert "--config" in res.stdout, f"`training {stage}` takes no --config (the Jobs pass it)"
+        assert "--out" in res.stdout
 
 
 def test_install_script_is_valid_bash():

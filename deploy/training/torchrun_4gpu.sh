@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # torchrun equivalent of accelerate_4gpu.yaml: one node, 4 GPU processes.
-#   deploy/training/torchrun_4gpu.sh collect --config collect.yaml
-#   deploy/training/torchrun_4gpu.sh distill --config distill.yaml
+#   deploy/training/torchrun_4gpu.sh collect --model TEACHER --prompts train.jsonl --out runs/trajectories
+#   deploy/training/torchrun_4gpu.sh distill --base TEACHER --trajectories runs/trajectories --out runs/student
 # NPROC_PER_NODE overrides the process count (one per GPU). Multi-node: run it on every node
 # with NNODES, NODE_RANK and MASTER_ADDR set (c10d rendezvous on MASTER_ADDR:MASTER_PORT).
 set -euo pipefail
