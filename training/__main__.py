@@ -83,6 +83,13 @@ def cmd_world(args: argparse.Namespace) -> None:
     run_world(Path(args.out), WorldConfig.preset(args.preset))
 
 
+def cmd_export_default(args: argparse.Namespace) -> None:
+    from training.export import export_default
+    root = Path(args.world)
+    print(export_default(root / "teacher" / "model", root / "student" / "adapter",
+                         table=root / "eval" / "table.json"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.collect import CollectConfig
     from training.distill import DistillConfig
@@ -134,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/world")
     p.add_argument("--preset", default="full", choices=("full", "micro"))
     p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("export-default", help="copy a world's teacher + student into "
+                       "cdlm/assets/default (the bundled model)")
+    p.add_argument("--world", default="runs/world")
+    p.set_defaults(func=cmd_export_default)
     return parser
 
 

@@ -39,3 +39,12 @@ def tiny_teacher_dir(tmp_path_factory, world_tokenizer_dir) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(world_tokenizer_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory) -> tuple[Path, dict]:
+    """`python -m training world --preset micro`: every stage for real, in seconds."""
+    from training.world.pipeline import WorldConfig, run_world
+    root = tmp_path_factory.mktemp("world")
+    report = run_world(root, WorldConfig.preset("micro"), log=lambda *_: None)
+    return root, report

@@ -14,14 +14,7 @@ from cdlm.models.loader import load_model
 from training.collect import CollectConfig, collect
 from training.distill import DistillConfig, distill, make_student, save_adapter
 from training.trajectories import iter_trajectories, read_index, shard_name
-from training.world.pipeline import WorldConfig, collect_prompts, run_world
-
-
-@pytest.fixture(scope="module")
-def micro_world(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("world")
-    report = run_world(root, WorldConfig.preset("micro"), log=lambda *_: None)
-    return root, report
+from training.world.pipeline import collect_prompts
 
 
 def test_micro_world_runs_every_stage(micro_world):

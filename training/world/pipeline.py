@@ -25,7 +25,8 @@ class WorldConfig:
     train_per_family: int = 20000
     test_per_family: int = 200
     collect_per_family: int = 750
-    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=3000, batch_size=32))
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(
+        steps=3000, batch_size=32, weighting="mean"))
     collect: CollectConfig = field(default_factory=CollectConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

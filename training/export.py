@@ -1,0 +1,40 @@
+"""Stage `export-default`: ship a world's teacher and student as the package's bundled model.
+
+cdlm/assets/default/teacher/  the LLaDA-layout teacher checkpoint (config.json, safetensors,
+                              tokenizer files): the base model
+cdlm/assets/default/student/  the CDLM LoRA adapter (adapter_config.json,
+                              adapter_model.safetensors): `LLM()` serves base + adapter
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from training.io_utils import replace_dir, tmp_dir_next_to
+
+ASSETS = Path(__file__).resolve().parent.parent / "cdlm" / "assets" / "default"
+TEACHER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json")
+STUDENT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_default(teacher_dir: Path, adapter_dir: Path, assets: Path = ASSETS,
+                   table: Path | None = None) -> Path:
+    """Copy the two directories in (each swapped in atomically); returns the assets dir."""
+    for src, name, files in ((teacher_dir, "teacher", TEACHER_FILES),
+                             (adapter_dir, "student", STUDENT_FILES)):
+        tmp = tmp_dir_next_to(assets / name)
+        for f in files:
+            shutil.copy(src / f, tmp / f)
+        if name == "student":
+            # The adapter names its base by a path on the training machine; point it at the
+            # bundled teacher instead (relative, so the package can live anywhere).
+            cfg = json.loads((tmp / "adapter_config.json").read_text())
+            cfg["base_model_name_or_path"] = "../teacher"
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        replace_dir(tmp, assets / name)
+    if table is not None and table.exists():
+        shutil.copy(table, assets / "table.json")
+    return assets
