@@ -157,6 +157,68 @@ async def run(args: argparse.Namespace) -> dict:
     return summarize(args, model, results, duration, before, after)
 
 
+def run_offline(args: argparse.Namespace) -> dict:
+    """The same workload straight on an in-process LLMEngine (no HTTP): what the engine alone
+    does at this concurrency, to separate server overhead from engine scaling."""
+    import torch
+
+    from cdlm.engine import LLMEngine
+    from cdlm.sampling_params import SamplingParams
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    engine = _OFFLINE.get("engine")
+    if engine is None:
+        engine = _OFFLINE["engine"] = LLMEngine.from_pretrained()
+    conc = args.max_concurrency or args.num_prompts
+
+    def params() -> SamplingParams:
+        return SamplingParams(max_tokens=args.output_len, temperature=args.temperature,
+                              ignore_eos=args.ignore_eos, threshold=args.threshold)
+
+    def drive(prompts: list[str], tag: str) -> list[RequestResult]:
+        pending = list(enumerate(prompts))
+        results: dict[int, RequestResult] = {}
+        last: dict[int, float] = {}
+        while pending or engine.has_unfinished_requests():
+            while pending and len(results) - sum(r.ok for r in results.values()) < conc:
+                i, p = pending.pop(0)
+                results[i] = RequestResult(start=time.perf_counter())
+                engine.add_request(f"{tag}-{i}", p, params())
+            outs = engine.step()
+            now = time.perf_counter()
+            for o in outs:
+                i = int(o.request_id.rsplit("-", 1)[1])
+                r = results[i]
+                if r.chunks == 0:
+                    r.ttft = now - r.start
+                else:
+                    r.itl.append(now - last[i])
+                last[i] = now
+                r.chunks += 1
+                if o.finished:
+                    r.ok, r.e2e = True, now - r.start
+                    r.prompt_tokens, r.output_tokens = len(o.prompt_token_ids), len(o.token_ids)
+                    r.steps, r.blocks = o.steps, o.outputs[0].num_blocks
+        return [results[i] for i in sorted(results)]
+
+    drive(make_prompts(args.warmup, args.input_len, args.seed + 1), f"w{time.time_ns()}")
+    steps0 = engine.stats.num_steps
+    t0 = time.perf_counter()
+    results = drive(make_prompts(args.num_prompts, args.input_len, args.seed),
+                    f"r{time.time_ns()}")
+    duration = time.perf_counter() - t0
+    n_steps = engine.stats.num_steps - steps0
+    seqs = sum(r.steps for r in results)
+    before = {"cdlm:batch_size_per_step_sum": 0.0, "cdlm:batch_size_per_step_count": 0.0}
+    after = {"cdlm:batch_size_per_step_sum": float(seqs),
+             "cdlm:batch_size_per_step_count": float(n_steps)}
+    return summarize(args, "offline:" + engine.model_name, results, duration, before, after)
+
+
+_OFFLINE: dict = {}
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -264,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--offline", action="store_true",
+                   help="no server: run the same workload on an in-process LLMEngine "
+                        "(separates server overhead from engine scaling)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads for --offline")
     p.add_argument("--result-json", default=None)
     p.add_argument("--save-requests", action="store_true", help="per-request data in the JSON")
     return p.parse_args(argv)
@@ -277,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for c in levels:
             one = argparse.Namespace(**{**vars(args), "max_concurrency": c})
-            summary = asyncio.run(run(one))
+            summary = run_offline(one) if args.offline else asyncio.run(run(one))
             summary["round"] = r
             runs[c].append(summary)
             if args.rounds > 1 or len(levels) > 1:

@@ -52,14 +52,16 @@ def test_completion_default_max_tokens_is_16(client):
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
 
 
-def test_completion_prompt_forms_and_n(client):
+def test_completion_prompt_forms_and_n(live, client):
     # list of strings, token ids, list of token-id lists; n fans out per prompt
     r = client.completions.create(model=MODEL, prompt=["a b c", "x y z"], max_tokens=8,
                                   temperature=0.8, n=2, seed=5)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
-    r2 = client.completions.create(model=MODEL, prompt=[97, 98, 99], max_tokens=8, temperature=0)
+    ids = live.engine.tokenizer.encode("a b c d e f g", add_special_tokens=False)[:5]
+    assert len(ids) == 5
+    r2 = client.completions.create(model=MODEL, prompt=ids[:3], max_tokens=8, temperature=0)
     assert len(r2.choices) == 1 and r2.usage.prompt_tokens == 3
-    r3 = client.completions.create(model=MODEL, prompt=[[97, 98], [99, 100, 101]], max_tokens=8,
+    r3 = client.completions.create(model=MODEL, prompt=[ids[:2], ids[2:5]], max_tokens=8,
                                    temperature=0)
     assert len(r3.choices) == 2 and r3.usage.prompt_tokens == 5
     # n with a seed: child i uses seed + i, so it equals a single request with that seed
