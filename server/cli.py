@@ -188,7 +188,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("loading model %s", settings["model"] or "(bundled default)")
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except (OSError, ValueError) as exc:  # bad path, bad config, bad dtype...
+        logger.debug("model load failed", exc_info=True)
+        logger.error("cannot load the model: %s", exc)
+        return 1
     app = build_app(engine, settings)
     server = _make_server(app, settings["host"], settings["port"], settings["log_level"],
                           settings["drain_timeout"])
