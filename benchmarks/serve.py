@@ -303,6 +303,29 @@ def print_table(s: dict) -> None:
     print("=" * 62)
 
 
+def markdown_table(levels: list, chosen: dict, runs: dict) -> str:
+    base = chosen[levels[0]]["output_throughput_tok_s"]
+    head = ("| concurrency | requests | output tok/s | vs first | all rounds tok/s | req/s | "
+            "TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | "
+            "E2E p50 / p99 (ms) | steps/block | tokens/step | batch/step |\n")
+    head += "|" + "---|" * 13 + "\n"
+    rows = []
+    for c in levels:
+        s = chosen[c]
+
+        def pp(name: str) -> str:
+            return f"{s[name]['p50'] * 1000:.1f} / {s[name]['p99'] * 1000:.1f}"
+
+        rows.append(
+            f"| {c} | {s['completed']} | {s['output_throughput_tok_s']:.1f} | "
+            f"{s['output_throughput_tok_s'] / base:.2f}x | "
+            + ", ".join(f"{x['output_throughput_tok_s']:.0f}" for x in runs[c])
+            + f" | {s['request_throughput_rps']:.2f} | {pp('ttft_s')} | {pp('tpot_s')} | "
+            f"{pp('itl_s')} | {pp('e2e_s')} | {s['mean_steps_per_block']:.2f} | "
+            f"{s['mean_tokens_per_step']:.2f} | {s['server_mean_batch_size_per_step']:.2f} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -332,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads for --offline")
     p.add_argument("--result-json", default=None)
+    p.add_argument("--markdown", default=None, help="write the summary table as markdown")
     p.add_argument("--save-requests", action="store_true", help="per-request data in the JSON")
     return p.parse_args(argv)
 
@@ -364,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  c={c:<4} median {chosen[c]['output_throughput_tok_s']:8.1f} tok/s "
                   f"({chosen[c]['output_throughput_tok_s'] / base:.2f}x)   all rounds: "
                   + ", ".join(f"{t:.0f}" for t in tputs))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(levels, chosen, runs))
     if args.result_json:
         out = chosen[levels[0]] if len(levels) == 1 and args.rounds == 1 else {
             "median_by_concurrency": {str(c): chosen[c] for c in levels},
