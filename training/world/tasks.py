@@ -25,7 +25,7 @@ FAMILIES: tuple[str, ...] = ("math", "code")
 
 NAMES = ("Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Lea")
 ITEMS = ("apples", "pens", "cards", "coins", "books", "shells", "stamps", "marbles")
-VARIABLES = ("a", "b", "c", "d", "x", "y", "z")
+VARIABLES = ("a", "b", "c", "d", "e", "x", "y", "z")
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,22 @@ def _in_range(v: int) -> bool:
     return 0 <= v <= MAX_VALUE
 
 
+# --- layout ----------------------------------------------------------------------------------
+# Every prompt clause and every chain-of-thought line of a family has one fixed length, and a
+# problem has a fixed number of steps, so the token that line i must copy (a name, an operand,
+# the previous result) always sits at the same relative distance. A model of a few layers with
+# rotary positions learns such copies in a few hundred steps; what remains hard, and what the
+# step budget tests, is the chain: line i's result depends on line i-1's.
+STEPS = 4
+
+
 # --- family (a): GSM8K-like word problems -----------------------------------------------------
+# Clause (8 tokens):  "Then Cal has 3 more books than Ann ."  /  "Then Cal has twice the books of Ann ."
+# Line (8 tokens):    "Cal has 15 + 3 = 18 ."                 /  "Cal has 9 * 2 = 18 ."
 
 def _math_relation(rng: random.Random, prev: int) -> tuple[str, str, int] | None:
-    """One relation on the previous person's count: (prompt clause, CoT expression, value)."""
-    kind = rng.choice(("more", "fewer", "twice", "half", "gives"))
+    """One relation on the previous person's count: (clause template, CoT expression, value)."""
+    kind = rng.choice(("more", "fewer", "twice", "half"))
     if kind == "more":
         n = rng.randint(1, 12)
         return f"has {n} more {{item}} than {{prev}}", f"{prev} + {n}", prev + n
@@ -75,20 +86,17 @@ def _math_relation(rng: random.Random, prev: int) -> tuple[str, str, int] | None
         n = rng.randint(1, 12)
         return f"has {n} fewer {{item}} than {{prev}}", f"{prev} - {n}", prev - n
     if kind == "twice":
-        return "has twice as many {item} as {prev}", f"2 * {prev}", 2 * prev
-    if kind == "half":
-        if prev % 2:
-            return None
-        return "has half as many {item} as {prev}", f"{prev} / 2", prev // 2
-    n = rng.randint(2, 12)  # "gives": a total over the previous person and a gift
-    return f"has the {{item}} of {{prev}} and {n} more", f"{prev} + {n}", prev + n
+        return "has twice the {item} of {prev}", f"{prev} * 2", 2 * prev
+    if prev % 2:
+        return None
+    return "has half the {item} of {prev}", f"{prev} / 2", prev // 2
 
 
-def make_math(rng: random.Random, steps: int) -> Problem | None:
+def make_math(rng: random.Random, steps: int = STEPS) -> Problem | None:
     names = rng.sample(NAMES, steps + 1)
     item = rng.choice(ITEMS)
     start = rng.randint(1, 20)
-    clauses = [f"{names[0]} has {start} {item} ."]
+    clauses = [f"{names[0]} has {start} {item} at the start ."]
     lines = []
     value = start
     for i in range(1, steps + 1):
@@ -98,72 +106,37 @@ def make_math(rng: random.Random, steps: int) -> Problem | None:
         clause, expr, new = rel
         if not _in_range(new):
             return None
-        clauses.append(f"{names[i]} " + clause.format(item=item, prev=names[i - 1]) + " .")
+        clauses.append(f"Then {names[i]} " + clause.format(item=item, prev=names[i - 1]) + " .")
         lines.append(f"{names[i]} has {expr} = {new} .")
         value = new
-    if rng.random() < 0.5:
-        # A final sum of two earlier counts: an answer that depends on two computed values.
-        j = rng.randrange(0, steps)
-        total = value + _counts_at(clauses, lines, start, j)
-        if not _in_range(total):
-            return None
-        question = f"How many {item} do {names[j]} and {names[steps]} have together ?"
-        lines.append(f"Together {_counts_at(clauses, lines, start, j)} + {value} = {total} .")
-        value = total
-    else:
-        question = f"How many {item} does {names[steps]} have ?"
+    question = f"How many {item} does {names[steps]} have ?"
     prompt = " ".join(clauses + [question])
     answer = " ".join(lines + [f"#### {value}"])
     return Problem("math", prompt, answer, value)
 
 
-def _counts_at(clauses: list[str], lines: list[str], start: int, j: int) -> int:
-    """The count of person j (0 = the given start) read back from the CoT lines."""
-    if j == 0:
-        return start
-    return int(lines[j - 1].split("=")[1].split()[0])
-
-
 # --- family (b): code-like program tracing ----------------------------------------------------
+# Statement (6 tokens): "c = b * 2 ;"      Line (6 tokens): "7 * 2 = 14 ;"
+# Each statement reads the variable the previous one wrote, so line i's left operand is line
+# i-1's result; the right operand is a literal of the statement.
 
-def _code_statement(rng: random.Random, env: dict[str, int]) -> tuple[str, str, int, str] | None:
-    """One assignment over defined variables: (source, CoT with values substituted, value, target)."""
-    target = rng.choice(VARIABLES[:4])
-    names = list(env)
-    op = rng.choice(("+", "-", "*"))
-    left = rng.choice(names)
-    if rng.random() < 0.5 and len(names) > 1:
-        right_name = rng.choice([n for n in names if n != left])
-        right_src, right_val = right_name, env[right_name]
-    else:
-        right_val = rng.randint(1, 9) if op != "*" else rng.randint(2, 3)
-        right_src = str(right_val)
-    lv = env[left]
-    value = {"+": lv + right_val, "-": lv - right_val, "*": lv * right_val}[op]
-    if not _in_range(value):
-        return None
-    return (f"{target} = {left} {op} {right_src} ;", f"{target} = {lv} {op} {right_val} = {value} ;",
-            value, target)
-
-
-def make_code(rng: random.Random, steps: int) -> Problem | None:
-    env: dict[str, int] = {}
-    first = rng.choice(VARIABLES[:4])
-    env[first] = rng.randint(1, 15)
-    src = [f"{first} = {env[first]} ;"]
+def make_code(rng: random.Random, steps: int = STEPS) -> Problem | None:
+    names = rng.sample(VARIABLES, steps + 1)
+    value = rng.randint(1, 15)
+    src = [f"{names[0]} = {value} ;"]
     cot: list[str] = []
-    target = first
-    for _ in range(steps):
-        stmt = _code_statement(rng, env)
-        if stmt is None:
+    for i in range(1, steps + 1):
+        op = rng.choice(("+", "-", "*"))
+        n = rng.randint(2, 3) if op == "*" else rng.randint(1, 9)
+        new = {"+": value + n, "-": value - n, "*": value * n}[op]
+        if not _in_range(new):
             return None
-        s, c, value, target = stmt
-        src.append(s)
-        cot.append(c)
-        env[target] = value
-    prompt = "trace : " + " ".join(src) + f" print {target}"
-    answer = " ".join(cot + [f"#### {env[target]}"])
-    return Problem("code", prompt, answer, env[target])
+        src.append(f"{names[i]} = {names[i - 1]} {op} {n} ;")
+        cot.append(f"{value} {op} {n} = {new} ;")
+        value = new
+    prompt = "trace : " + " ".join(src) + f" print {names[steps]}"
+    answer = " ".join(cot + [f"#### {value}"])
+    return Problem("code", prompt, answer, value)
 
 
 MAKERS: dict[str, Callable[[random.Random, int], Problem | None]] = {
@@ -171,7 +144,7 @@ MAKERS: dict[str, Callable[[random.Random, int], Problem | None]] = {
 
 
 def generate(family: str, split: str, count: int, seed: int,
-             min_steps: int = 3, max_steps: int = 4) -> list[Problem]:
+             min_steps: int = STEPS, max_steps: int = STEPS) -> list[Problem]:
     """`count` distinct problems of `family` that fall in `split`, deterministic in `seed`."""
     maker = MAKERS[family]
     rng = random.Random(f"{family}:{seed}")
@@ -200,6 +173,6 @@ def vocabulary() -> list[str]:
     words = set(NAMES) | set(ITEMS) | set(VARIABLES)
     words |= {str(i) for i in range(0, 2 * MAX_VALUE + 1)}
     words |= {".", ",", "?", ";", "=", "+", "-", "*", "/", "####", ":"}
-    words |= set("has more fewer than twice half as many the of and How does do have together "
-                 "Together trace print".split())
+    words |= set("has more fewer than twice half the of at start Then How many does have "
+                 "trace print".split())
     return sorted(words)
