@@ -535,6 +535,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         return JSONResponse(P.models_response(st.config.served_model_names, st.created,
                                               st.config.model_root))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(request: Request, model_id: str) -> Response:
+        st = state(request)
+        st.check_model(model_id)
+        data = P.models_response([model_id], st.created, st.config.model_root)["data"][0]
+        return JSONResponse(data)
+
     async def run(request: Request, gen_factory: Callable[[ServerState], Any]) -> Response:
         st = state(request)
         st.check_admission()

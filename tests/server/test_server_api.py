@@ -26,6 +26,9 @@ def client(live):
 
 def test_models_and_health(live, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     r = httpx.get(live.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
