@@ -1,5 +1,5 @@
-"""Operations with real parts: a real Prometheus scraping /metrics, and `python -m server`
-(the same code as `cdlm serve`) draining on SIGTERM."""
+"""Operations with real parts: a real Prometheus scraping /metrics, and `cdlm serve` (in a
+subprocess, through the package CLI) draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_sigterm_drains_then_exits(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CDLM_PORT": str(port), "CDLM_DRAIN_TIMEOUT": "4",
            "CDLM_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=REPO, env=env,
+    # `cdlm serve`, through the package CLI that users run
+    proc = subprocess.Popen([sys.executable, "-m", "cdlm.cli", "serve"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
