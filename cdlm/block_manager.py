@@ -1,7 +1,7 @@
 """KV page allocator (no torch): the memory budget the scheduler admits requests against.
 
 The pool holds `num_pages` pages of `page_size` token slots. A request reserves, on admission,
-every page it can ever fill (its prompt plus all blocks but the last, which is never cached),
+every page it can ever fill (its prompt plus every block of its generation window),
 so a running request never waits for memory and nothing needs preempting.
 """
 

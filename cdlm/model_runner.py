@@ -119,10 +119,9 @@ class ModelRunner:
         row_len = commit_len + bsz
         width = int(row_len.max())
         batch = len(seqs)
-        ids = torch.full((batch, width), self.config.mask_token_id, dtype=torch.long)
-        for r, (seq, commit) in enumerate(zip(seqs, commits)):
-            ids[r, :len(commit) + bsz] = torch.tensor(commit + seq.block, dtype=torch.long)
-        ids = ids.to(device)
+        pad = self.config.mask_token_id
+        ids = torch.tensor([c + s.block + [pad] * (width - len(c) - bsz) for c, s in zip(commits, seqs)],
+                           dtype=torch.long, device=device)                          # [batch, width]
         cached = torch.tensor([s.num_cached for s in seqs], device=device)          # [batch]
         offsets = torch.arange(width, device=device)[None, :]                       # [1, width]
         positions = cached[:, None] + offsets                                       # [batch, width]
@@ -130,25 +129,23 @@ class ModelRunner:
         in_block = (offsets >= commit_len[:, None]) & is_real
         query_segments = torch.where(is_real, in_block.long(), torch.full_like(positions, _PAD_SEGMENT))
 
-        prefix_len = int(cached.max())
         page_table = self._page_table(seqs)
-        if prefix_len > 0:
-            prefix_pos = torch.arange(prefix_len, device=device)[None, :].expand(batch, -1)
-            prefix_valid = prefix_pos < cached[:, None]
-            prefix_slots = torch.where(prefix_valid, self.pool.slots(page_table, prefix_pos),
-                                       torch.zeros_like(prefix_pos))
-            key_segments = torch.cat((torch.full_like(prefix_pos, CACHED_SEGMENT), query_segments), 1)
-            key_valid = torch.cat((prefix_valid, is_real), dim=1)
-        else:
-            prefix_slots, key_segments, key_valid = None, query_segments, is_real
-        mask = block_causal_mask(query_segments, key_segments, key_valid)
+        # Keys of row r: its cached prefix (slots of positions < cached[r], padded to the
+        # longest prefix), then its tokens of this pass. Padding reads slot 0, masked out.
+        prefix_len = int(cached.max())
+        prefix_pos = torch.arange(prefix_len, device=device)[None, :].expand(batch, -1)
+        prefix_valid = prefix_pos < cached[:, None]
+        safe_positions = torch.where(is_real, positions, cached[:, None])
+        new_slots = self.pool.slots(page_table, safe_positions)                     # [batch, width]
+        prefix_slots = self.pool.slots(page_table, torch.where(prefix_valid, prefix_pos, 0))
+        key_slots = torch.cat((prefix_slots, new_slots), dim=1)                     # [batch, keys]
+        key_segments = torch.cat((torch.full_like(prefix_pos, CACHED_SEGMENT), query_segments), 1)
+        key_valid = torch.cat((prefix_valid, is_real), dim=1)
+        mask = self._additive(block_causal_mask(query_segments, key_segments, key_valid))
 
-        commits_here = offsets < commit_len[:, None]                                # [batch, width]
-        write_rows = commits_here.reshape(-1).nonzero(as_tuple=True)[0]             # [n]
-        write_pos = positions.reshape(-1)[write_rows]
-        write_page = page_table[write_rows // width, write_pos // self.pool.page_size]
-        write_slots = write_page * self.pool.page_size + write_pos % self.pool.page_size
-        kv = KVWrite(self.pool.k, self.pool.v, prefix_slots, write_rows, write_slots)
+        write_rows = is_real.reshape(-1).nonzero(as_tuple=True)[0]                  # [n]
+        write_slots = new_slots.reshape(-1)[write_rows]
+        kv = KVWrite(self.pool.k, self.pool.v, write_rows, write_slots, key_slots)
         hidden = self.model(ids, positions, mask, kv)                               # [batch, width, d]
 
         shift = self.config.prediction_shift
@@ -161,6 +158,12 @@ class ModelRunner:
                 else:
                     logits[r, 0] = self._first_logits[seq.seq_id]
         return logits
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean mask -> additive bias in the model dtype, once per pass: the CPU attention
+        kernels run markedly faster with it than with a boolean mask."""
+        bias = torch.zeros(mask.shape, dtype=self.pool.k[0].dtype, device=mask.device)
+        return bias.masked_fill_(~mask, float("-inf"))
 
     def _page_table(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(1, max(len(s.pages) for s in seqs))
@@ -204,7 +207,7 @@ class ModelRunner:
             valid[r, :len(row)] = True
         ids, seg, valid = ids.to(device), seg.to(device), valid.to(device)
         positions = torch.arange(width, device=device)[None, :].expand(batch, -1)
-        hidden = self.model(ids, positions, block_causal_mask(seg, seg, valid))
+        hidden = self.model(ids, positions, self._additive(block_causal_mask(seg, seg, valid)))
         starts = torch.tensor(block_starts, device=device)[:, None]
         index = starts - self.config.prediction_shift + torch.arange(self.block_size, device=device)[None, :]
         return self._gather_logits(hidden, index)

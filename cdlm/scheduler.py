@@ -102,10 +102,11 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def cache_tokens_needed(self) -> int:
-        """Tokens this request may ever hold in the KV cache (the last block is never cached)."""
+        """KV slots this request may ever use: the prompt and every block of its window (the
+        current block's K/V are written as scratch in each pass)."""
         if self.mode != "cdlm":
             return 0
-        return self.prompt_len + (self.num_window_blocks - 1) * self.block_size
+        return self.prompt_len + self.num_window_blocks * self.block_size
 
     # --- state changes ----------------------------------------------------------------------
     def _open_block(self) -> None:

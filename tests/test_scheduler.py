@@ -67,8 +67,8 @@ def test_max_tokens_mid_block():
     assert seq.complete_block() == "length" and seq.finished_tokens == [1, 2, 3, 4, 5, 6]
 
 
-def test_cache_reservation_excludes_the_last_block():
-    assert _seq("a", prompt_len=5, max_tokens=9, block=4).cache_tokens_needed() == 5 + 2 * 4
+def test_cache_reservation_covers_prompt_and_every_block():
+    assert _seq("a", prompt_len=5, max_tokens=9, block=4).cache_tokens_needed() == 5 + 3 * 4
 
 
 def test_admission_waits_for_pages_and_requests_join_mid_flight():
@@ -78,7 +78,7 @@ def test_admission_waits_for_pages_and_requests_join_mid_flight():
     sched.add(a)
     sched.add(b)
     out = sched.schedule()
-    assert out.admitted == [a] and sched.num_waiting == 1   # a holds 3 pages, b needs 3
+    assert out.admitted == [a] and sched.num_waiting == 1   # a holds all 4 pages, b needs 4
     sched.update([a], [([0, 1, 2, 3], [1, 2, 3, 4])])
     sched.update([a], [([0, 1, 2, 3], [1, 2, 3, EOS])])       # a finishes, frees its pages
     assert a.is_finished and a.finish_reason == "stop" and manager.num_free == 4

@@ -66,17 +66,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32:
 class KVWrite:
     """How one forward pass talks to the paged KV pool (see cdlm.kv_cache).
 
-    prefix_slots: [batch, prefix_len] pool slots holding each row's cached prefix (padded; the
-        mask hides padding). None when nothing is cached yet.
-    write_rows / write_slots: [n] flat token indices (into batch*seq) whose K/V must be stored,
-        and the pool slots they go to. These are the tokens being committed in this pass.
+    write_rows / write_slots: [n] flat token indices (into batch*seq) of every real token in the
+        pass and the pool slots they go to. Committed tokens get their final K/V; the current
+        block's masked tokens are scratch, read only within this pass and overwritten by the
+        pass that commits the block, before anything reads them as cached prefix.
+    key_slots: [batch, keys] the slots each row attends to: its cached prefix, then its tokens
+        of this pass (padding points anywhere; the mask hides it). One gather, no concatenation.
     """
 
     pool_k: list[torch.Tensor]   # per layer [num_slots, kv_heads, head_dim]
     pool_v: list[torch.Tensor]
-    prefix_slots: torch.Tensor | None
-    write_rows: torch.Tensor | None
-    write_slots: torch.Tensor | None
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    key_slots: torch.Tensor
 
 
 class _Attention(nn.Module):
@@ -147,18 +149,13 @@ class TransformerBlock(nn.Module):
 
 def _with_cache(k: torch.Tensor, v: torch.Tensor, kv: KVWrite, layer_idx: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store the committed tokens' K/V and prepend each row's cached prefix."""
+    """Store this pass's K/V in the pool, then read each row's keys (prefix + this pass)."""
     pool_k, pool_v = kv.pool_k[layer_idx], kv.pool_v[layer_idx]
-    if kv.write_rows is not None and kv.write_rows.numel():
-        flat_k = k.reshape(-1, *k.shape[2:])                  # [batch*seq, kv_heads, hd]
-        flat_v = v.reshape(-1, *v.shape[2:])
-        pool_k.index_copy_(0, kv.write_slots, flat_k.index_select(0, kv.write_rows))
-        pool_v.index_copy_(0, kv.write_slots, flat_v.index_select(0, kv.write_rows))
-    if kv.prefix_slots is None:
-        return k, v
-    prefix_k = pool_k[kv.prefix_slots]                          # [batch, prefix, kv_heads, hd]
-    prefix_v = pool_v[kv.prefix_slots]
-    return torch.cat((prefix_k, k), dim=1), torch.cat((prefix_v, v), dim=1)
+    flat_k = k.reshape(-1, *k.shape[2:])                      # [batch*seq, kv_heads, hd]
+    flat_v = v.reshape(-1, *v.shape[2:])
+    pool_k.index_copy_(0, kv.write_slots, flat_k.index_select(0, kv.write_rows))
+    pool_v.index_copy_(0, kv.write_slots, flat_v.index_select(0, kv.write_rows))
+    return pool_k[kv.key_slots], pool_v[kv.key_slots]          # [batch, keys, kv_heads, hd]
 
 
 class LLaDABlock(TransformerBlock):
