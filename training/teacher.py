@@ -191,11 +191,15 @@ def train_teacher(data_files: list[Path], tokenizer_dir: Path, out_dir: Path,
 
 
 def _init_weights(model: DiffusionLM) -> None:
-    """Small normal init (std 0.02), output projections scaled by depth (GPT-2 style)."""
+    """Normal init with std 1/sqrt(fan_in) (what std 0.02 amounts to at d=4096), residual
+    output projections further scaled by 1/sqrt(2 * depth). At d=128 the GPT-2 constant 0.02 is
+    4x smaller than that and measured slow here: attention stayed near uniform and the model
+    had not learned to copy numbers from the prompt after 300 steps."""
     depth = len(model.layers)
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn_out.weight", "ff_out.weight")) \
-            and ".blocks." in name else 0.02
+        std = p.shape[1] ** -0.5     # embeddings too: [vocab, d] -> 1/sqrt(d)
+        if ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight")):
+            std /= math.sqrt(2 * depth)
         torch.nn.init.normal_(p, std=std)
