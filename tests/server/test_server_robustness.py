@@ -136,8 +136,9 @@ def test_fault_in_one_request_fails_only_that_request(small, monkeypatch):
         return real_execute(seqs)
 
     monkeypatch.setattr(runner, "execute", execute)
+    # room for both requests (this server was built with one running + one waiting)
     monkeypatch.setattr(small.engine.scheduler, "max_num_seqs", 2)
-    small.engine.scheduler.max_num_seqs = 2
+    monkeypatch.setattr(small.engine.scheduler, "max_queue", 4)
 
     async def both():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as c:
