@@ -242,6 +242,8 @@ def _sampling_params(req: P._SamplingFields, max_tokens: int, seed: int | None) 
         kwargs["seed"] = seed
     if req.threshold is not None:
         kwargs["threshold"] = float(req.threshold)
+    if req.tokens_per_step is not None:
+        kwargs["tokens_per_step"] = req.tokens_per_step
     if req.ignore_eos:
         kwargs["ignore_eos"] = True
     try:
@@ -533,13 +535,14 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def models(request: Request) -> Response:
         st = state(request)
         return JSONResponse(P.models_response(st.config.served_model_names, st.created,
-                                              st.config.model_root))
+                                              st.config.model_root, st.config.max_model_len))
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(request: Request, model_id: str) -> Response:
         st = state(request)
         st.check_model(model_id)
-        data = P.models_response([model_id], st.created, st.config.model_root)["data"][0]
+        data = P.models_response([model_id], st.created, st.config.model_root,
+                                 st.config.max_model_len)["data"][0]
         return JSONResponse(data)
 
     async def run(request: Request, gen_factory: Callable[[ServerState], Any]) -> Response:

@@ -46,6 +46,7 @@ class _SamplingFields(_Strict):
     user: str | None = None
     # Extensions
     threshold: float | None = Field(default=None, description="confidence threshold in (0, 1]")
+    tokens_per_step: int | None = None   # finalise exactly k tokens per step (1 = naive)
     ignore_eos: bool | None = None
     # Accepted only at their no-op values
     logit_bias: dict[str, Any] | None = None
@@ -72,6 +73,9 @@ class _SamplingFields(_Strict):
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise invalid_request(f"threshold must be in (0, 1], got {self.threshold}.",
                                   param="threshold")
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise invalid_request(f"tokens_per_step must be at least 1, got "
+                                  f"{self.tokens_per_step}.", param="tokens_per_step")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise invalid_request(f"seed must be in [0, 2^63-1], got {self.seed}.", param="seed")
         stops = self.stop_list()
@@ -331,10 +335,11 @@ def chat_chunk_choice(index: int, text: str, finish_reason: str | None,
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def models_response(names: list[str], created: int, root: str | None = None) -> dict:
+def models_response(names: list[str], created: int, root: str | None = None,
+                    max_model_len: int | None = None) -> dict:
     return {"object": "list", "data": [
         {"id": n, "object": "model", "created": created, "owned_by": "cdlm",
-         "root": root or n, "parent": None} for n in names]}
+         "root": root or n, "parent": None, "max_model_len": max_model_len} for n in names]}
 
 
 __all__ = [

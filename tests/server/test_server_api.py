@@ -280,3 +280,19 @@ def test_stop_prefix_holdback_helper():
     assert _stop_prefix_len("hello", ["xyz"]) == 0
     assert _stop_prefix_len("abc", ["c", "bcd"]) == 2
     assert _stop_prefix_len("", ["ab"]) == 0
+
+
+def test_decoding_extensions_threshold_and_tokens_per_step(client):
+    r = client.completions.create(model=MODEL, prompt="k per step", max_tokens=64,
+                                  temperature=0, extra_body={"ignore_eos": True,
+                                                             "tokens_per_step": 4})
+    assert r.usage.completion_tokens == 64 and r.usage.model_extra["denoising_steps"] == 16
+    # threshold 1e-6: every masked position qualifies, so a block takes a single step
+    r = client.completions.create(model=MODEL, prompt="fast", max_tokens=64, temperature=0,
+                                  extra_body={"ignore_eos": True, "threshold": 1e-6})
+    assert r.usage.model_extra["denoising_steps"] == 2
+
+
+def test_models_report_the_context_length(live, client):
+    card = client.models.list().data[0]
+    assert card.model_extra["max_model_len"] == live.state.config.max_model_len

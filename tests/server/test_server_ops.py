@@ -108,7 +108,8 @@ def _stream_in_thread(url: str, body: dict, out: dict, key: str,
 def test_sigterm_drains_then_exits(tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CDLM_PORT": str(port), "CDLM_DRAIN_TIMEOUT": "4",
+    drain = 2.0
+    env = {**os.environ, "CDLM_PORT": str(port), "CDLM_DRAIN_TIMEOUT": str(drain),
            "CDLM_LOG_LEVEL": "warning"}
     # `cdlm serve`, through the package CLI that users run
     proc = subprocess.Popen([sys.executable, "-m", "cdlm.cli", "serve"], cwd=REPO, env=env,
@@ -124,14 +125,17 @@ def test_sigterm_drains_then_exits(tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
+        ctx = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"]
         out: dict = {}
         short_started, long_started = threading.Event(), threading.Event()
-        # `long` cannot finish within the drain timeout; `short` can.
-        t_long = _stream_in_thread(url, {"prompt": "long", "max_tokens": 4000, "stream": True,
-                                         "ignore_eos": True, "temperature": 0},
+        # `long` (16 choices over the whole context, one token per step) cannot finish
+        # within the drain timeout; `short` (two blocks) can.
+        t_long = _stream_in_thread(url, {"prompt": "long", "max_tokens": ctx - 64, "n": 16,
+                                         "stream": True, "ignore_eos": True, "temperature": 0,
+                                         "tokens_per_step": 1},
                                    out, "long", long_started)
         assert long_started.wait(30)
-        t_short = _stream_in_thread(url, {"prompt": "short", "max_tokens": 200, "stream": True,
+        t_short = _stream_in_thread(url, {"prompt": "short", "max_tokens": 64, "stream": True,
                                           "ignore_eos": True, "temperature": 0},
                                     out, "short", short_started)
         assert short_started.wait(30)
@@ -163,4 +167,4 @@ def test_sigterm_drains_then_exits(tmp_path):
     assert long_frames[-1] == "data: [DONE]"
     err = json.loads(long_frames[-2][6:])["error"]
     assert "drain" in err["message"] or "shutting down" in err["message"]
-    assert 3.5 < elapsed < 20
+    assert drain - 0.5 < elapsed < drain + 15

@@ -5,6 +5,7 @@ step raising), never a mock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -16,8 +17,12 @@ from serverutil import API_KEY, make_server, metric_value, scrape
 
 MODEL = "cdlm-default"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-LONG = {"model": MODEL, "prompt": "long", "max_tokens": 4000, "temperature": 0,
-        "ignore_eos": True}
+
+def long_request(srv) -> dict:
+    """A request that runs many steps whatever the model: the whole context, one token per
+    step, no early stop."""
+    return {"model": MODEL, "prompt": "long", "temperature": 0, "ignore_eos": True,
+            "tokens_per_step": 1, "max_tokens": srv.state.config.max_model_len - 64}
 
 
 def _wait(pred, timeout: float = 10.0, interval: float = 0.01) -> float:
@@ -36,6 +41,7 @@ def _gauges(url: str) -> tuple[float, float]:
 
 
 def test_streaming_disconnect_aborts_within_a_step(live):
+    LONG = long_request(live)
     idle_running, idle_kv = _gauges(live.url)
     assert idle_running == 0
     aborts = metric_value(scrape(live.url), "cdlm:request_success_total",
@@ -51,7 +57,7 @@ def test_streaming_disconnect_aborts_within_a_step(live):
             # leave without reading the rest: closing the response closes the connection
     waited = _wait(lambda: _gauges(live.url) == (idle_running, idle_kv), timeout=5)
     # the engine stopped work on it promptly: only a handful of steps ran after the close
-    # (it would need ~4000 more had it kept going)
+    # (it would need hundreds more had it kept going)
     assert live.engine.stats.num_steps - steps_at_close < 50, waited
     assert not live.engine.has_unfinished_requests()
     assert metric_value(scrape(live.url), "cdlm:request_success_total",
@@ -59,6 +65,7 @@ def test_streaming_disconnect_aborts_within_a_step(live):
 
 
 def test_non_streaming_disconnect_aborts(live):
+    LONG = long_request(live)
     idle = _gauges(live.url)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/completions", json=LONG, headers=AUTH, timeout=0.5)
@@ -69,8 +76,7 @@ def test_non_streaming_disconnect_aborts(live):
 def test_raw_socket_disconnect_before_first_block(live):
     """The client vanishes right after sending: the request must not linger."""
     idle = _gauges(live.url)
-    body = (b'{"model": "cdlm-default", "prompt": "x", "max_tokens": 4000, "ignore_eos": true,'
-            b' "stream": true}')
+    body = json.dumps({**long_request(live), "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", live.port))
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -93,17 +99,18 @@ def small():
 
 
 def test_queue_full_gets_429_with_retry_after(small):
+    LONG = long_request(small)
     url = small.url
     results: dict[str, int] = {}
 
-    def long_request(key: str) -> None:
+    def fire(key: str) -> None:
         try:
             r = httpx.post(url + "/v1/completions", json=LONG, timeout=2.0)
             results[key] = r.status_code
         except httpx.ReadTimeout:
             results[key] = -1  # still running when we gave up: expected
 
-    threads = [threading.Thread(target=long_request, args=(k,)) for k in ("a", "b")]
+    threads = [threading.Thread(target=fire, args=(k,)) for k in ("a", "b")]
     threads[0].start()
     _wait(lambda: small.engine.stats.num_running == 1)
     threads[1].start()
