@@ -71,6 +71,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
         body["ignore_eos"] = True
     if args.threshold is not None:
         body["threshold"] = args.threshold
+    if args.tokens_per_step is not None:
+        body["tokens_per_step"] = args.tokens_per_step
     res = RequestResult(start=time.perf_counter())
     last = res.start
     try:
@@ -174,7 +176,8 @@ def run_offline(args: argparse.Namespace) -> dict:
 
     def params() -> SamplingParams:
         return SamplingParams(max_tokens=args.output_len, temperature=args.temperature,
-                              ignore_eos=args.ignore_eos, threshold=args.threshold)
+                              ignore_eos=args.ignore_eos, threshold=args.threshold,
+                              tokens_per_step=args.tokens_per_step)
 
     def drive(prompts: list[str], tag: str) -> list[RequestResult]:
         pending = list(enumerate(prompts))
@@ -346,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode exactly --output-len tokens (comparable runs)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--tokens-per-step", type=int, default=None,
+                   help="finalise exactly k tokens per step (1 = the naive baseline)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
