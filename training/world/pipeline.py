@@ -24,11 +24,11 @@ from training.world.tasks import FAMILIES
 class WorldConfig:
     train_per_family: int = 20000
     test_per_family: int = 200
-    collect_per_family: int = 750
+    collect_per_family: int = 300
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(
-        steps=3000, batch_size=32, weighting="mean"))
+        steps=2600, batch_size=32, weighting="mean"))
     collect: CollectConfig = field(default_factory=CollectConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(steps=600, batch_size=16))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
