@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import APIError, invalid_request, unsupported
+from .errors import invalid_request, unsupported
 
 MAX_N = 128
 MAX_STOP = 4
@@ -342,6 +342,4 @@ def models_response(names: list[str], created: int, root: str | None = None,
          "root": root or n, "parent": None, "max_model_len": max_model_len} for n in names]}
 
 
-__all__ = [
-    "APIError", "ChatCompletionRequest", "CompletionRequest", "StreamOptions",
-]
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "StreamOptions"]

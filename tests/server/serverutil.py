@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 
 API_KEY = "test-key-123"
