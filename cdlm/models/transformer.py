@@ -155,7 +155,13 @@ def _with_cache(k: torch.Tensor, v: torch.Tensor, kv: KVWrite, layer_idx: int
     flat_v = v.reshape(-1, *v.shape[2:])
     pool_k.index_copy_(0, kv.write_slots, flat_k.index_select(0, kv.write_rows))
     pool_v.index_copy_(0, kv.write_slots, flat_v.index_select(0, kv.write_rows))
-    return pool_k[kv.key_slots], pool_v[kv.key_slots]          # [batch, keys, kv_heads, hd]
+    # index_select on a [slots, kv_heads*hd] view: several times faster than advanced
+    # indexing on CPU, and a plain gather on CUDA.
+    shape = (*kv.key_slots.shape, *k.shape[2:])               # [batch, keys, kv_heads, hd]
+    flat_slots = kv.key_slots.reshape(-1)
+    keys = pool_k.view(pool_k.shape[0], -1).index_select(0, flat_slots).view(shape)
+    values = pool_v.view(pool_v.shape[0], -1).index_select(0, flat_slots).view(shape)
+    return keys, values
 
 
 class LLaDABlock(TransformerBlock):
