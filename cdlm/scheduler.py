@@ -86,10 +86,6 @@ class Sequence:
         return self.prompt_len + len(self.finished_tokens) - self.num_cached
 
     @property
-    def block_start(self) -> int:
-        return self.prompt_len + len(self.finished_tokens)
-
-    @property
     def num_window_blocks(self) -> int:
         return -(-self.params.max_tokens // self.block_size)
 
