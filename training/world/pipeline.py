@@ -26,7 +26,7 @@ class WorldConfig:
     test_per_family: int = 200
     collect_per_family: int = 300
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(
-        steps=4400, batch_size=32, weighting="mean"))
+        steps=3200, batch_size=32, weighting="mean"))
     collect: CollectConfig = field(default_factory=CollectConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(steps=600, batch_size=16))
     eval: EvalConfig = field(default_factory=EvalConfig)
