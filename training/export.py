@@ -34,7 +34,12 @@ def export_default(teacher_dir: Path, adapter_dir: Path, assets: Path = ASSETS,
             cfg = json.loads((tmp / "adapter_config.json").read_text())
             cfg["base_model_name_or_path"] = "../teacher"
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        # mkdtemp makes 0700 directories: the package's files must be world-readable.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         replace_dir(tmp, assets / name)
     if table is not None and table.exists():
         shutil.copy(table, assets / "table.json")
+        (assets / "table.json").chmod(0o644)
     return assets
