@@ -13,7 +13,7 @@ one request), tokens per second (generated tokens / latency, summed), mean gener
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdlm import LLM, SamplingParams
@@ -74,9 +74,8 @@ def evaluate(teacher_dir: Path, adapter_dir: Path, test_files: dict[str, Path], 
         results[family] = {"naive teacher": naive, "teacher + threshold": thresh,
                            f"teacher @ student budget (k={k})": cut, "CDLM student": cdlm,
                            "budget_k": k}
-    report = {"config": vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else
-              {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
-              "teacher": str(teacher_dir), "student": str(adapter_dir), "results": results}
+    report = {"config": asdict(cfg), "teacher": str(teacher_dir), "student": str(adapter_dir),
+              "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "table.json", report)
     atomic_write_text(out_dir / "table.md", markdown_table(report))
