@@ -35,7 +35,7 @@ from training.checkpoint import load_state, rng_state, save_state, set_rng_state
 from training.io_utils import append_jsonl, atomic_write_json, replace_dir, tmp_dir_next_to
 from training.losses import (consistency_loss, distillation_loss, masked_diffusion_loss,
                              random_answer_mask, sample_mask_ratio)
-from training.trajectories import Trajectory, iter_trajectories, read_index
+from training.trajectories import Trajectory, TrajectoryPool, read_index
 
 # LoRA targets per family: every attention and MLP projection inside a layer, nothing else.
 LORA_TARGETS = {
@@ -60,6 +60,7 @@ class DistillConfig:
     ckpt_every: int = 100
     log_every: int = 10
     device: str = ""
+    max_shards: int = 8      # trajectory shards held in memory at once (see TrajectoryPool)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def block_example(traj: Trajectory, block: int, block_size: int, mask_id: int,
         y=torch.cat([prefix, y_block]), y_star=torch.cat([prefix, y_star_block]),
         prompt_len=traj.prompt_ids.shape[0],
         newly=torch.cat([pad, newly_block]), still=torch.cat([pad, still_block]),
-        teacher_hidden=traj.hidden[lo:hi][newly_block], answer_ids=traj.answer_ids)
+        teacher_hidden=traj.hidden[lo:hi][newly_block].float(), answer_ids=traj.answer_ids)
 
 
 def _pad_stack(rows: list[torch.Tensor], value) -> torch.Tensor:
@@ -209,12 +210,12 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_trajectories(root: Path) -> list[Trajectory]:
+def check_complete(root: Path) -> dict:
     index = read_index(root)
     if not index["complete"]:
         raise RuntimeError(f"{root}: collection incomplete ({len(index['shards'])} of "
                            f"{index['num_chunks']} shards); rerun collect to finish it")
-    return list(iter_trajectories(root))
+    return index
 
 
 def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -> Path:
@@ -226,9 +227,8 @@ def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -
     if (final / "adapter_config.json").exists():
         return final
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    index = read_index(traj_dir)
+    index = check_complete(traj_dir)
     block_size = int(index["block_size"])
-    trajectories = load_trajectories(traj_dir)
     torch.manual_seed(cfg.seed)
     model = make_student(base_dir, cfg, device=str(accelerator.device))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -248,8 +248,9 @@ def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -
         atomic_write_json(out_dir / "config.json", {**asdict(cfg), "block_size": block_size,
                                                     "base": str(base_dir), "trajectories": str(traj_dir)})
     rng = random.Random(f"{cfg.seed}:{accelerator.process_index}:{start}")
+    pool = TrajectoryPool(traj_dir, cfg.max_shards,
+                          rng=random.Random(f"pool:{cfg.seed}:{accelerator.process_index}"))
     mask_id = _base(model).config.mask_token_id
-    per_traj_blocks = [decoded_blocks(t, block_size) for t in trajectories]
     log = out_dir / "log.jsonl"
     t0 = time.time()
     model.train()
@@ -258,9 +259,9 @@ def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        picks = [rng.randrange(len(trajectories)) for _ in range(cfg.batch_size)]
-        examples = [block_example(trajectories[i], rng.choice(per_traj_blocks[i]), block_size,
-                                  mask_id, rng) for i in picks]
+        picks = [pool.draw(rng) for _ in range(cfg.batch_size)]
+        examples = [block_example(t, rng.choice(decoded_blocks(t, block_size)), block_size,
+                                  mask_id, rng) for t in picks]
         losses = student_losses(model, examples, block_size, cfg)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(losses["loss"])

@@ -16,6 +16,7 @@ always complete, and a killed collection resumes by skipping the shards that exi
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,7 @@ class Trajectory:
     prompt_ids: torch.Tensor   # [P] long
     tokens: torch.Tensor       # [G] long
     steps: torch.Tensor        # [G] long, -1 = never finalised
-    hidden: torch.Tensor       # [G, D] (float16 on disk)
+    hidden: torch.Tensor       # [G, D] in the storage dtype (float16 by default)
     answer_ids: torch.Tensor   # [A] long
     meta: dict                 # prompt index, family, reference answer text, ...
 
@@ -76,7 +77,9 @@ def load_shard(path: Path) -> list[Trajectory]:
         for name in FIELDS:
             lo, hi = t[f"{name}.offsets"][i].item(), t[f"{name}.offsets"][i + 1].item()
             x = t[name][lo:hi]
-            fields[name] = x.float() if name == "hidden" else x.long()
+            # Hidden states stay in their storage dtype (float16): a pool of shards in memory
+            # is then half the size; consumers convert the few rows they use.
+            fields[name] = x if name == "hidden" else x.long()
         out.append(Trajectory(meta=meta, **fields))
     return out
 
@@ -100,3 +103,45 @@ def iter_trajectories(root: str | Path) -> Iterator[Trajectory]:
     root = Path(root)
     for name in read_index(root)["shards"]:
         yield from load_shard(root / name)
+
+
+class TrajectoryPool:
+    """Random trajectories from a collection that need not fit in memory.
+
+    At most `max_shards` shards are held at once; every `refresh_every` draws one of them is
+    swapped for another, so over a run every shard is visited. When every shard fits, draws
+    are uniform over all records.
+    """
+
+    def __init__(self, root: str | Path, max_shards: int = 8, refresh_every: int = 1024,
+                 rng: random.Random | None = None) -> None:
+        self.root = Path(root)
+        self.names = list(read_index(self.root)["shards"])
+        if not self.names:
+            raise ValueError(f"{self.root}: no shards")
+        self.max_shards = max(1, max_shards)
+        self.refresh_every = refresh_every
+        self.rng = rng or random.Random(0)
+        self.loaded: dict[str, list[Trajectory]] = {}
+        self.draws = 0
+        for name in self.rng.sample(self.names, min(self.max_shards, len(self.names))):
+            self.loaded[name] = load_shard(self.root / name)
+        self._flat = [t for n in sorted(self.loaded) for t in self.loaded[n]]
+
+    @property
+    def all_loaded(self) -> bool:
+        return len(self.loaded) == len(self.names)
+
+    def draw(self, rng: random.Random) -> Trajectory:
+        if not self.all_loaded:
+            self.draws += 1
+            if self.draws % self.refresh_every == 0:
+                self._swap()
+        return self._flat[rng.randrange(len(self._flat))]
+
+    def _swap(self) -> None:
+        out = self.rng.choice(sorted(self.loaded))
+        new = self.rng.choice([n for n in self.names if n not in self.loaded])
+        del self.loaded[out]
+        self.loaded[new] = load_shard(self.root / new)
+        self._flat = [t for n in sorted(self.loaded) for t in self.loaded[n]]

@@ -44,7 +44,7 @@ def test_trajectories_record_the_naive_policy(micro_world):
         assert sorted(steps.tolist()) == list(range(int(decided.sum())))
         assert traj.meta["num_steps"] == int(decided.sum())
         # Teacher logits rebuilt from the stored hidden state pick the stored token.
-        rebuilt = model.logits(traj.hidden[decided]).argmax(-1)
+        rebuilt = model.logits(traj.hidden[decided].float()).argmax(-1)
         assert (rebuilt == traj.tokens[decided]).float().mean() > 0.9  # fp16 storage
         assert traj.answer_ids.shape[0] == 64
 
@@ -122,3 +122,18 @@ def test_adapter_loads_through_llm_like_the_peft_model(micro_world, tmp_path):
     x = LLM(model=str(teacher), lora=str(adapter)).generate([prompt], params)[0]
     y = LLM(model=str(merged_dir)).generate([prompt], params)[0]
     assert x.token_ids == y.token_ids and x.steps == y.steps
+
+
+def test_trajectory_pool_streams_shards(micro_world):
+    root, _ = micro_world
+    from training.trajectories import TrajectoryPool
+    import random
+    names = read_index(root / "trajectories")["shards"]
+    assert len(names) >= 2
+    pool = TrajectoryPool(root / "trajectories", max_shards=1, refresh_every=3,
+                          rng=random.Random(0))
+    seen, rng = set(), random.Random(1)
+    for _ in range(60):
+        assert len(pool.loaded) == 1           # memory bound: one shard at a time
+        seen.add(pool.draw(rng).meta["index"])
+    assert len(seen) > len(next(iter(pool.loaded.values())))  # other shards were visited
