@@ -52,7 +52,9 @@ class TeacherConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     rope_theta: float = 10000.0
-    max_position_embeddings: int = 256
+    # Declared context. Training sequences are under 128 tokens; RoPE has no learned positions,
+    # so longer requests run (with degraded quality), as servers and clients expect.
+    max_position_embeddings: int = 1024
     block_size: int = 32
     gen_len: int = 64
     steps: int = 3000
