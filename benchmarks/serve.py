@@ -56,17 +56,27 @@ class RequestResult:
     blocks: int = 0
 
 
-def make_prompts(n: int, input_len: int, seed: int) -> list[str]:
-    """Synthetic prompts of about `input_len` words, distinct from each other."""
+def make_prompts(n: int, input_len: int, seed: int, dataset: str | None = None) -> list[str]:
+    """`n` prompts: from a JSONL dataset's "prompt" field (shuffled by seed, cycled), else
+    synthetic prompts of about `input_len` words, distinct from each other."""
     rng = random.Random(seed)
+    if dataset:
+        with open(dataset) as handle:
+            pool = [json.loads(line)["prompt"] for line in handle if line.strip()]
+        rng.shuffle(pool)
+        return [pool[i % len(pool)] for i in range(n)]
     return [f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(max(1, input_len - 1)))
             for i in range(n)]
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
                       prompt: str) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "stream": True,
+    body = {"model": model, "max_tokens": args.output_len, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": args.temperature}
+    if args.chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.threshold is not None:
@@ -76,7 +86,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
     res = RequestResult(start=time.perf_counter())
     last = res.start
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
+        endpoint = "/v1/chat/completions" if args.chat else "/v1/completions"
+        async with client.stream("POST", endpoint, json=body) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
                 return res
@@ -91,7 +102,9 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
                     res.error = obj["error"].get("message", "error")
                     return res
                 now = time.perf_counter()
-                if obj.get("choices"):
+                choice = (obj.get("choices") or [{}])[0]
+                # Text chunks only (a chat stream may open with a role-only delta).
+                if "text" in choice or "content" in choice.get("delta", {}):
                     if res.chunks == 0:
                         res.ttft = now - res.start
                     else:
@@ -134,11 +147,11 @@ async def run(args: argparse.Namespace) -> dict:
         model = args.model
         if model is None:
             model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
+        prompts = make_prompts(args.num_prompts, args.input_len, args.seed, args.dataset)
         if args.warmup:
             await asyncio.gather(*[one_request(client, args, model, p)
                                    for p in make_prompts(args.warmup, args.input_len,
-                                                         args.seed + 1)])
+                                                         args.seed + 1, args.dataset)])
         before = _metric_sums((await client.get("/metrics")).text)
         sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
         rng = random.Random(args.seed)
@@ -187,7 +200,8 @@ def run_offline(args: argparse.Namespace) -> dict:
             while pending and len(results) - sum(r.ok for r in results.values()) < conc:
                 i, p = pending.pop(0)
                 results[i] = RequestResult(start=time.perf_counter())
-                engine.add_request(f"{tag}-{i}", p, params())
+                prompt = engine.tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else p
+                engine.add_request(f"{tag}-{i}", prompt, params())
             outs = engine.step()
             now = time.perf_counter()
             for o in outs:
@@ -205,10 +219,10 @@ def run_offline(args: argparse.Namespace) -> dict:
                     r.steps, r.blocks = o.steps, o.outputs[0].num_blocks
         return [results[i] for i in sorted(results)]
 
-    drive(make_prompts(args.warmup, args.input_len, args.seed + 1), f"w{time.time_ns()}")
+    drive(make_prompts(args.warmup, args.input_len, args.seed + 1, args.dataset), f"w{time.time_ns()}")
     steps0 = engine.stats.num_steps
     t0 = time.perf_counter()
-    results = drive(make_prompts(args.num_prompts, args.input_len, args.seed),
+    results = drive(make_prompts(args.num_prompts, args.input_len, args.seed, args.dataset),
                     f"r{time.time_ns()}")
     duration = time.perf_counter() - t0
     n_steps = engine.stats.num_steps - steps0
@@ -344,6 +358,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in req/s (default inf: all at once)")
     p.add_argument("--input-len", type=int, default=32, help="prompt length in words")
+    p.add_argument("--dataset", default=None,
+                   help='JSONL file with a "prompt" field per line (instead of synthetic prompts)')
+    p.add_argument("--chat", action="store_true",
+                   help="send prompts as a user message to /v1/chat/completions (chat template)")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     p.add_argument("--ignore-eos", action="store_true",
                    help="decode exactly --output-len tokens (comparable runs)")

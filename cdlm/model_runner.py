@@ -79,14 +79,18 @@ class ModelRunner:
 
     def _forward_groups(self, seqs: list[Sequence]) -> list[list[int]]:
         """Which sequences share a forward pass. Modes never mix. On a GPU one pass per mode
-        (the step costs one read of the weights whatever the batch); on a CPU the cost is the
-        tokens computed, so cached rows of different widths (a block alone, a block after a
-        commit, a new prompt) run in separate passes instead of padding to the widest."""
+        (the step costs one read of the weights whatever the batch). On a CPU the cost is the
+        tokens computed, so cached rows run in up to three passes by kind instead of padding
+        everything to the widest: a block alone, a block after a committed block, and new
+        requests (prompt + block, padded only among themselves)."""
         groups: dict[tuple[str, int], list[int]] = {}
-        split_widths = self.device.type == "cpu"
+        split_kinds = self.device.type == "cpu"
         for index, seq in enumerate(seqs):
-            width = seq.num_pending_commit if seq.mode == "cdlm" and split_widths else 0
-            groups.setdefault((seq.mode, width), []).append(index)
+            kind = 0
+            if seq.mode == "cdlm" and split_kinds:
+                pending = seq.num_pending_commit
+                kind = 0 if pending == 0 else 1 if seq.num_cached >= seq.prompt_len else 2
+            groups.setdefault((seq.mode, kind), []).append(index)
         return list(groups.values())
 
     def _decide(self, seqs: list[Sequence], logits: torch.Tensor
