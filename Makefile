@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # CUDA index (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test serve bench clean
+.PHONY: setup test serve world clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: setup
 
 serve: setup
 	$(BIN)/cdlm serve
+
+# Regenerate the small world end to end (data, teacher, trajectories, student, table);
+# every stage resumes when rerun. About 25 minutes on 2 free CPU cores.
+world: setup
+	$(BIN)/python -m training world --out runs/world
 
 clean:
 	rm -rf $(VENV) .pytest_cache

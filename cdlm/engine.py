@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # KV budget when none is configured: this many tokens per running request, capped by memory.
 _DEFAULT_TOKENS_PER_SEQ = 2048
-_CPU_KV_BYTES_CAP = 2 << 30
+_CPU_KV_BYTES_CAP = 128 << 20  # the pool is allocated up front; keep CPU hosts light
 _CUDA_KV_FRACTION = 0.5
 
 
