@@ -147,7 +147,7 @@ class LLMEngine:
         """Stop a request now; its KV pages return to the pool before the next step."""
         seq = self.scheduler.abort(request_id)
         if seq is not None:
-            self._forget(seq)
+            self._forget(seq.seq_id)
         self._refresh_gauges()
 
     def has_unfinished_requests(self) -> bool:
@@ -169,24 +169,29 @@ class LLMEngine:
         for seq, message in failed:
             self.scheduler.finish(seq, "error")
             outputs.append(self._output(seq, error=message))
-            self._forget(seq)
+            self._forget(seq.seq_id)
         ok = [s for s in seqs if not s.is_finished]
         update = self.scheduler.update(ok, [decided[s.seq_id] for s in ok])
         step_stats.tokens_finalized = update.tokens_finalized
         step_stats.block_steps = [steps for _, steps in update.blocks_completed]
-        reported: dict[str, RequestOutput] = {}
+        # Report every request that completed a block, hit a stop string or finished: one
+        # output each, built once (decoding the text is the costly part).
+        block_steps: dict[str, list[int]] = {}
+        to_report: dict[str, Sequence] = {}
         for seq, steps in update.blocks_completed:
-            out = reported.setdefault(seq.seq_id, self._output(seq))
-            out.new_block_steps.append(steps)
+            block_steps.setdefault(seq.seq_id, []).append(steps)
+            to_report[seq.seq_id] = seq
         for seq in ok:
             if seq.params.stop and self._hit_stop_string(seq):
-                reported[seq.seq_id] = self._output(seq)
+                to_report[seq.seq_id] = seq
         for seq in update.finished:
-            reported[seq.seq_id] = self._output(seq, block_steps=reported.get(seq.seq_id))
-        for out in reported.values():
-            if out.finished:
-                self._forget_id(out.request_id)
-        outputs.extend(reported.values())
+            to_report[seq.seq_id] = seq
+        for seq in to_report.values():
+            out = self._output(seq)
+            out.new_block_steps = block_steps.get(seq.seq_id, [])
+            outputs.append(out)
+            if seq.is_finished:
+                self._forget(seq.seq_id)
         step_stats.duration_s = time.perf_counter() - started
         self.stats.num_steps += 1
         self.stats.last_step = step_stats
@@ -240,8 +245,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "stop", output_len=lo)
         return True
 
-    def _output(self, seq: Sequence, error: str | None = None,
-                block_steps: RequestOutput | None = None) -> RequestOutput:
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         finished = seq.is_finished
         tokens = seq.output_token_ids if finished else list(seq.finished_tokens)
         text = self._stop_truncation.get(seq.seq_id)
@@ -249,7 +253,7 @@ class LLMEngine:
             text = self.tokenizer.decode(tokens, skip_special_tokens=seq.params.skip_special_tokens)
             if not finished:
                 text = text.rstrip("\ufffd")  # an unfinished UTF-8 character: wait for more
-        out = RequestOutput(
+        return RequestOutput(
             request_id=seq.seq_id,
             prompt=self._prompts.get(seq.seq_id),
             prompt_token_ids=seq.prompt_token_ids,
@@ -263,14 +267,8 @@ class LLMEngine:
                                    last_block_time=seq.last_block_time,
                                    finished_time=seq.finished_time),
             error=error)
-        if block_steps is not None:
-            out.new_block_steps = block_steps.new_block_steps
-        return out
 
-    def _forget(self, seq: Sequence) -> None:
-        self._forget_id(seq.seq_id)
-
-    def _forget_id(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> None:
         self.runner.release(request_id)
         self._prompts.pop(request_id, None)
         self._stop_truncation.pop(request_id, None)

@@ -298,13 +298,17 @@ def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def completion_chunk(rid: str, created: int, model: str, choices: list[dict],
-                     usage: dict | None = None, with_usage_key: bool = False) -> dict:
-    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": choices}
+def _chunk(obj: str, rid: str, created: int, model: str, choices: list[dict],
+           usage: dict | None, with_usage_key: bool) -> dict:
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if with_usage_key or usage is not None:
         out["usage"] = usage
     return out
+
+
+def completion_chunk(rid: str, created: int, model: str, choices: list[dict],
+                     usage: dict | None = None, with_usage_key: bool = False) -> dict:
+    return _chunk("text_completion", rid, created, model, choices, usage, with_usage_key)
 
 
 def chat_response(rid: str, created: int, model: str, choices: list[dict],
@@ -320,11 +324,7 @@ def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
 
 def chat_chunk(rid: str, created: int, model: str, choices: list[dict],
                usage: dict | None = None, with_usage_key: bool = False) -> dict:
-    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": choices}
-    if with_usage_key or usage is not None:
-        out["usage"] = usage
-    return out
+    return _chunk("chat.completion.chunk", rid, created, model, choices, usage, with_usage_key)
 
 
 def chat_chunk_choice(index: int, text: str, finish_reason: str | None,
