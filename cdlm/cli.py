@@ -13,7 +13,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: bundled)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter directory")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="confidence threshold (default: the checkpoint's generation_config.json, "
+                        "else 0.9)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)

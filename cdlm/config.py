@@ -83,11 +83,16 @@ DecodingMode = Literal["cdlm", "reference", "bidirectional"]
 DECODING_MODES: tuple[str, ...] = ("cdlm", "reference", "bidirectional")
 
 
+# The confidence threshold when neither the caller nor the checkpoint names one (SPEC, paper).
+DEFAULT_THRESHOLD = 0.9
+
+
 @dataclass
 class EngineConfig:
     """Engine-wide settings: memory budget, batching limits and decoding defaults."""
 
-    threshold: float = 0.9
+    # None: the checkpoint's own default (`generation_config.json`), else DEFAULT_THRESHOLD.
+    threshold: float | None = None
     block_size: int | None = None          # None: the model's block size
     max_num_seqs: int = 64                 # running requests at most
     kv_cache_tokens: int | None = None     # KV budget in tokens; None: derived from max_num_seqs
@@ -100,7 +105,7 @@ class EngineConfig:
     seed: int = 0                          # engine generator for unseeded sampling requests
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError("block_size must be positive")

@@ -3,15 +3,17 @@ and the HTTP server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from cdlm.block_manager import BlockManager
-from cdlm.config import DECODING_MODES, EngineConfig
+from cdlm.config import DECODING_MODES, DEFAULT_THRESHOLD, EngineConfig
 from cdlm.kv_cache import KVCachePool
 from cdlm.model_runner import ModelRunner
 from cdlm.models.loader import load_model, resolve_device, resolve_model_path
@@ -51,10 +53,29 @@ class EngineStats:
     last_step: StepStats = field(default_factory=StepStats)
 
 
+def checkpoint_threshold(model_dir: str | os.PathLike, lora: str | os.PathLike | None
+                         ) -> float | None:
+    """The confidence threshold a checkpoint recommends: `threshold` in `generation_config.json`
+    of the LoRA adapter (the student defines the operating point), else of the base model."""
+    for directory in (lora, model_dir):
+        if directory is None:
+            continue
+        path = Path(directory) / "generation_config.json"
+        if path.is_file():
+            value = json.loads(path.read_text()).get("threshold")
+            if value is not None:
+                if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                    raise ValueError(f"{path}: threshold must be a number in (0, 1], got {value!r}")
+                return float(value)
+    return None
+
+
 class LLMEngine:
     def __init__(self, model: DiffusionLM, tokenizer: Tokenizer,
                  engine_config: EngineConfig | None = None, model_name: str = "cdlm") -> None:
         self.config = engine_config or EngineConfig()
+        if self.config.threshold is None:
+            self.config = replace(self.config, threshold=DEFAULT_THRESHOLD)
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -88,6 +109,10 @@ class LLMEngine:
             lora = lora if lora is not None else default_lora
             name = "cdlm-default"
         path = resolve_model_path(model, revision)
+        if engine_config.threshold is None:
+            adapter = resolve_model_path(lora) if lora is not None else None
+            engine_config = replace(
+                engine_config, threshold=checkpoint_threshold(path, adapter) or DEFAULT_THRESHOLD)
         network = load_model(path, lora=lora, dtype=engine_config.dtype,
                              device=engine_config.device)
         tokenizer = Tokenizer.from_pretrained(path)

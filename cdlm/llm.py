@@ -21,7 +21,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, lora: str | None = None, *,
-                 threshold: float = 0.9, block_size: int | None = None,
+                 threshold: float | None = None, block_size: int | None = None,
                  dtype: str | None = None, device: str | None = None,
                  use_kv_cache: bool = True, max_num_seqs: int = 64,
                  kv_cache_tokens: int | None = None, seed: int = 0,

@@ -35,6 +35,10 @@ def _int_or_auto(v: str) -> int | None:
     return None if v.lower() in ("", "auto", "none") else int(v)
 
 
+def _float_or_none(v: str) -> float | None:
+    return None if v.lower() in ("", "auto", "none") else float(v)
+
+
 def _dtype(v: str) -> str | None:
     return None if v.lower() in ("", "auto", "none") else v
 
@@ -52,8 +56,9 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt("--dtype", "CDLM_DTYPE", _dtype, None,
          "float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)"),
     _Opt("--device", "CDLM_DEVICE", _str_or_none, None, "cpu | cuda | cuda:N (default: auto)"),
-    _Opt("--threshold", "CDLM_THRESHOLD", float, 0.9,
-         "default confidence threshold (requests may override with `threshold`)"),
+    _Opt("--threshold", "CDLM_THRESHOLD", _float_or_none, None,
+         "default confidence threshold (requests may override with `threshold`; default: the "
+         "checkpoint's generation_config.json, else 0.9)"),
     _Opt("--max-num-seqs", "CDLM_MAX_NUM_SEQS", int, 64, "running requests at most"),
     _Opt("--kv-cache-tokens", "CDLM_KV_CACHE_TOKENS", _int_or_auto, None,
          "KV cache budget in tokens (default: auto)"),

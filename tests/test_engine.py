@@ -183,3 +183,27 @@ def test_bf16_decoding_runs_all_modes(family, tiny_llada, tiny_dream):
     for mode in ("cdlm", "reference", "bidirectional"):
         out = llm.generate(["abc", "hello world"], params, mode=mode)
         assert all(len(o.token_ids) == 20 and o.steps >= 1 for o in out)
+
+
+def test_threshold_defaults_to_the_checkpoints_generation_config(tiny_llada, tmp_path):
+    import json
+    import shutil
+
+    from cdlm.engine import checkpoint_threshold
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llada[0], base)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert checkpoint_threshold(base, None) is None
+    assert LLMEngine.from_pretrained(str(base)).config.threshold == 0.9   # the paper's default
+    (base / "generation_config.json").write_text(json.dumps({"threshold": 0.8}))
+    assert LLMEngine.from_pretrained(str(base)).config.threshold == 0.8
+    # The adapter (the student) defines the operating point over its base.
+    (adapter / "generation_config.json").write_text(json.dumps({"threshold": 0.97}))
+    assert checkpoint_threshold(base, adapter) == 0.97
+    # An explicit threshold always wins.
+    assert LLM(str(base), threshold=0.5).engine.config.threshold == 0.5
+    (base / "generation_config.json").write_text(json.dumps({"threshold": 2}))
+    with pytest.raises(ValueError, match="threshold"):
+        LLMEngine.from_pretrained(str(base))

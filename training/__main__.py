@@ -18,6 +18,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") 
                                 in ("1", "true", "yes"), default=default)
         elif kind in (int, float, str):
             parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", type=kind, default=default)
+        elif kind is tuple:  # a comma list of numbers, e.g. --student-sweep 0.9,0.95
+            parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", default=default,
+                                type=lambda s: tuple(float(x) for x in s.split(",") if x))
 
 
 def _dataclass_from_args(cls, args: argparse.Namespace, prefix: str = ""):

@@ -6,6 +6,8 @@ Rows, per task family:
   teacher @ budget     bidirectional, k tokens per step, k = round(naive steps / student steps):
                        the teacher cut to the student's step budget
   CDLM student         block-causal + exact KV cache + threshold (the served model)
+  CDLM student @ t     the same student at other thresholds (`student_sweep`): the
+                       speed/accuracy curve the operating point was picked from
 Columns: accuracy (exact final answer), mean steps, mean latency (wall clock of `generate` for
 one request), tokens per second (generated tokens / latency, summed), mean generated length.
 """
@@ -26,6 +28,7 @@ from training.world.tasks import final_answer
 class EvalConfig:
     gen_len: int = 64
     threshold: float = 0.9
+    student_sweep: tuple[float, ...] = ()   # extra student rows at these thresholds
     limit: int = 0          # prompts per family, 0 = all
     warmup: int = 3         # untimed requests first (allocator, lazy init)
 
@@ -74,6 +77,10 @@ def evaluate(teacher_dir: Path, adapter_dir: Path, test_files: dict[str, Path], 
         results[family] = {"naive teacher": naive, "teacher + threshold": thresh,
                            f"teacher @ student budget (k={k})": cut, "CDLM student": cdlm,
                            "budget_k": k}
+        for t in cfg.student_sweep:
+            if t != cfg.threshold:
+                results[family][f"CDLM student @ threshold {t}"] = run_rows(
+                    student, rows, SamplingParams(**greedy, threshold=t), "cdlm", cfg.warmup)
     report = {"config": asdict(cfg), "teacher": str(teacher_dir), "student": str(adapter_dir),
               "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)

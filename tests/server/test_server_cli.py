@@ -19,7 +19,7 @@ def test_defaults_match_the_architecture_table():
     s = resolve_settings(_parse([]), environ={})
     assert s["host"] == "127.0.0.1" and s["port"] == 8000
     assert s["model"] is None and s["lora"] is None and s["api_key"] is None
-    assert s["threshold"] == 0.9 and s["max_num_seqs"] == 64 and s["max_queue"] == 256
+    assert s["threshold"] is None and s["max_num_seqs"] == 64 and s["max_queue"] == 256
     assert s["kv_cache_tokens"] is None and s["drain_timeout"] == 30.0
     assert s["dtype"] is None and s["device"] is None
 

@@ -36,3 +36,8 @@ def test_default_llm_serves_the_student_and_solves_held_out_problems():
         assert correct >= 7, (family, [o.text for o in outs])
         # Several tokens per step: far fewer steps than generated tokens.
         assert sum(o.steps for o in outs) * 3 < sum(len(o.token_ids) for o in outs)
+
+
+def test_default_llm_decodes_at_the_tables_threshold():
+    table = json.loads((ASSETS / "table.json").read_text())
+    assert LLM().engine.config.threshold == table["config"]["threshold"]

@@ -14,6 +14,7 @@ from cdlm.models.loader import load_model
 from training.collect import CollectConfig, collect
 from training.distill import DistillConfig, distill, make_student, save_adapter
 from training.trajectories import iter_trajectories, read_index, shard_name
+from training.export import export_default
 from training.world.pipeline import collect_prompts
 
 
@@ -26,7 +27,8 @@ def test_micro_world_runs_every_stage(micro_world):
     assert (root / "student" / "adapter" / "adapter_model.safetensors").exists()
     for family in ("math", "code"):
         rows = report["results"][family]
-        assert {"naive teacher", "teacher + threshold", "CDLM student"} <= set(rows)
+        assert {"naive teacher", "teacher + threshold", "CDLM student",
+                "CDLM student @ threshold 0.5"} <= set(rows)
         assert rows["naive teacher"]["n"] == 2
     assert (root / "eval" / "table.md").read_text().startswith("| family |")
     log = [json.loads(l) for l in (root / "student" / "log.jsonl").read_text().splitlines()]
@@ -137,3 +139,15 @@ def test_trajectory_pool_streams_shards(micro_world):
         assert len(pool.loaded) == 1           # memory bound: one shard at a time
         seen.add(pool.draw(rng).meta["index"])
     assert len(seen) > len(next(iter(pool.loaded.values())))  # other shards were visited
+
+
+def test_export_makes_the_tables_threshold_the_served_default(micro_world, tmp_path):
+    root, report = micro_world
+    assets = export_default(root / "teacher" / "model", root / "student" / "adapter",
+                            assets=tmp_path / "assets", table=root / "eval" / "table.json")
+    served = json.loads((assets / "student" / "generation_config.json").read_text())
+    assert served["threshold"] == report["config"]["threshold"]
+    assert json.loads((assets / "student" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "../teacher"
+    llm = LLM(model=str(assets / "teacher"), lora=str(assets / "student"))
+    assert llm.engine.config.threshold == report["config"]["threshold"]
