@@ -4,13 +4,14 @@
 
 Regenerates the small world's test prompts from their seeds (no data files needed), then runs
 `training.evaluate` on `cdlm/assets/default` (teacher + CDLM student) through `cdlm.LLM`,
-batch 1: naive teacher, teacher + threshold, teacher at the student's step budget, CDLM
-student. Writes table_world.json and table_world.md into --out.
+batch 1, with the world preset's eval settings (threshold, student sweep): naive teacher,
+teacher + threshold, teacher at the student's step budget, CDLM student. Writes table_world.json and table_world.md into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.evaluate import EvalConfig, evaluate, markdown_table  # noqa: E402
+from training.evaluate import evaluate, markdown_table  # noqa: E402
 from training.io_utils import write_jsonl  # noqa: E402
 from training.world.pipeline import WorldConfig  # noqa: E402
 from training.world.tasks import FAMILIES, generate  # noqa: E402
@@ -40,7 +41,7 @@ def main() -> None:
             write_jsonl(path, [p.to_json() for p in generate(family, "test",
                                                                  world.test_per_family, seed=0)])
             tests[family] = path
-        cfg = EvalConfig(gen_len=world.teacher.gen_len, limit=args.limit)
+        cfg = dataclasses.replace(world.eval, gen_len=world.teacher.gen_len, limit=args.limit)
         report = evaluate(assets / "teacher", assets / "student", tests, Path(tmp) / "eval", cfg)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
