@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.9,0.95,0.97,0.99")
     ap.add_argument("--naive", action="store_true", help="also one token per step")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | ...")
     ap.add_argument("adapters", nargs="+", help="LoRA adapter directories, or `none`")
     args = ap.parse_args()
     root = Path(args.world)
@@ -52,7 +53,8 @@ def main() -> None:
     print("|---|---|" + "---:|" * len(FAMILIES))
     for adapter in args.adapters:
         llm = LLM(model=str(root / "teacher" / "model"),
-                  lora=None if adapter == "none" else adapter, max_num_seqs=64)
+                  lora=None if adapter == "none" else adapter, max_num_seqs=64,
+                  dtype=args.dtype)
         for name, params in settings:
             cells = [score(llm, rows[f], params) for f in FAMILIES]
             print(f"| {adapter} | {name} | "
