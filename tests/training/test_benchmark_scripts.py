@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end (tiny sizes): their tables are what docs/ cites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_student_sweep_prints_accuracy_and_steps_per_threshold(micro_world):
+    root, _ = micro_world
+    adapter = str(root / "student" / "adapter")
+    out = _run("benchmarks/student_sweep.py", "--world", str(root), "--thresholds", "0.5,0.9",
+               "--naive", adapter, "none")
+    rows = [line for line in out.splitlines() if line.startswith(f"| {adapter} |")
+            or line.startswith("| none |")]
+    assert len(rows) == 6          # 2 adapters x (1 token/step + 2 thresholds)
+    naive = [r for r in rows if "1 token/step" in r][0]
+    # One token per step: steps per request equal the generated length (16 in the micro world).
+    steps = [float(cell.split("/")[1]) for cell in naive.strip("|").split("|")[2:]]
+    assert all(0 < s <= 16 for s in steps)
+
+
+def test_engine_scaling_table(tmp_path):
+    from training.world.tasks import generate
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n"
+                            for p in generate("math", "test", 6, seed=0)))
+    out = _run("benchmarks/engine_scaling.py", "--dataset", str(data), "--chat",
+               "--num-prompts", "6", "--rounds", "1", "--out", str(tmp_path / "table.md"))
+    for name in ("c=1", "c=4", "c=16", "dp2 (c=8 + c=8)"):
+        assert f"| {name} |" in out
+    assert "| c=1 | " in (tmp_path / "table.md").read_text()
