@@ -29,23 +29,16 @@ import torch
 
 from cdlm import LLM, SamplingParams
 from cdlm.engine import LLMEngine
+from serve import drive_engine   # benchmarks/serve.py: this script's directory is on sys.path
 
 
 def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int,
                 params: SamplingParams, tag: str) -> tuple[int, int]:
-    """Decode every prompt with `concurrency` in flight; returns (output tokens, engine steps)."""
-    next_prompt, live, tokens, steps = 0, 0, 0, 0
-    while next_prompt < len(prompts) or engine.has_unfinished_requests():
-        while live < concurrency and next_prompt < len(prompts):
-            engine.add_request(f"{tag}-{next_prompt}", prompts[next_prompt], params)
-            next_prompt += 1
-            live += 1
-        for out in engine.step():
-            if out.finished:
-                live -= 1
-                tokens += len(out.outputs[0].token_ids)
-        steps += 1
-    return tokens, steps
+    """Decode every prompt with `concurrency` in flight (the serving benchmark's offline
+    driver); returns (output tokens, engine steps)."""
+    steps_before = engine.stats.num_steps
+    results = drive_engine(engine, prompts, concurrency, lambda: params, tag)
+    return sum(r.output_tokens for r in results), engine.stats.num_steps - steps_before
 
 
 def data_parallel(engines: list[LLMEngine], prompts: list[list[int]], concurrency: int,

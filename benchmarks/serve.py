@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import httpx
 
@@ -172,6 +173,41 @@ async def run(args: argparse.Namespace) -> dict:
     return summarize(args, model, results, duration, before, after)
 
 
+def drive_engine(engine: Any, prompts: list, concurrency: int, params: Callable[[], Any],
+                 tag: str, encode: Callable[[Any], Any] | None = None) -> list[RequestResult]:
+    """A closed loop on an in-process `LLMEngine`: keep `concurrency` requests in flight (a
+    finished one is replaced at once, as a client at `--max-concurrency` does) until every
+    prompt is done. `params()` makes each request's SamplingParams; `encode`, if given, turns
+    a prompt into what the engine takes, inside the request's timed span."""
+    pending = list(enumerate(prompts))
+    results: dict[int, RequestResult] = {}
+    last: dict[int, float] = {}
+    in_flight = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and in_flight < concurrency:
+            i, prompt = pending.pop(0)
+            results[i] = RequestResult(start=time.perf_counter())
+            engine.add_request(f"{tag}-{i}", encode(prompt) if encode else prompt, params())
+            in_flight += 1
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            i = int(o.request_id.rsplit("-", 1)[1])
+            r = results[i]
+            if r.chunks == 0:
+                r.ttft = now - r.start
+            else:
+                r.itl.append(now - last[i])
+            last[i] = now
+            r.chunks += 1
+            if o.finished:
+                in_flight -= 1
+                r.ok, r.e2e = True, now - r.start
+                r.prompt_tokens, r.output_tokens = len(o.prompt_token_ids), len(o.token_ids)
+                r.steps, r.blocks = o.steps, o.outputs[0].num_blocks
+    return [results[i] for i in sorted(results)]
+
+
 def run_offline(args: argparse.Namespace) -> dict:
     """The same workload straight on an in-process LLMEngine (no HTTP): what the engine alone
     does at this concurrency, to separate server overhead from engine scaling."""
@@ -192,32 +228,11 @@ def run_offline(args: argparse.Namespace) -> dict:
                               ignore_eos=args.ignore_eos, threshold=args.threshold,
                               tokens_per_step=args.tokens_per_step)
 
+    def chat(prompt: str) -> list[int]:
+        return engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+
     def drive(prompts: list[str], tag: str) -> list[RequestResult]:
-        pending = list(enumerate(prompts))
-        results: dict[int, RequestResult] = {}
-        last: dict[int, float] = {}
-        while pending or engine.has_unfinished_requests():
-            while pending and len(results) - sum(r.ok for r in results.values()) < conc:
-                i, p = pending.pop(0)
-                results[i] = RequestResult(start=time.perf_counter())
-                prompt = engine.tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else p
-                engine.add_request(f"{tag}-{i}", prompt, params())
-            outs = engine.step()
-            now = time.perf_counter()
-            for o in outs:
-                i = int(o.request_id.rsplit("-", 1)[1])
-                r = results[i]
-                if r.chunks == 0:
-                    r.ttft = now - r.start
-                else:
-                    r.itl.append(now - last[i])
-                last[i] = now
-                r.chunks += 1
-                if o.finished:
-                    r.ok, r.e2e = True, now - r.start
-                    r.prompt_tokens, r.output_tokens = len(o.prompt_token_ids), len(o.token_ids)
-                    r.steps, r.blocks = o.steps, o.outputs[0].num_blocks
-        return [results[i] for i in sorted(results)]
+        return drive_engine(engine, prompts, conc, params, tag, chat if args.chat else None)
 
     drive(make_prompts(args.warmup, args.input_len, args.seed + 1, args.dataset), f"w{time.time_ns()}")
     steps0 = engine.stats.num_steps

@@ -109,10 +109,9 @@ class LLMEngine:
             lora = lora if lora is not None else default_lora
             name = "cdlm-default"
         path = resolve_model_path(model, revision)
-        if engine_config.threshold is None:
+        if engine_config.threshold is None:  # still None: __init__ falls back to the default
             adapter = resolve_model_path(lora) if lora is not None else None
-            engine_config = replace(
-                engine_config, threshold=checkpoint_threshold(path, adapter) or DEFAULT_THRESHOLD)
+            engine_config = replace(engine_config, threshold=checkpoint_threshold(path, adapter))
         network = load_model(path, lora=lora, dtype=engine_config.dtype,
                              device=engine_config.device)
         tokenizer = Tokenizer.from_pretrained(path)
@@ -206,8 +205,9 @@ class LLMEngine:
         for seq, steps in update.blocks_completed:
             block_steps.setdefault(seq.seq_id, []).append(steps)
             to_report[seq.seq_id] = seq
-        for seq in ok:
-            if seq.params.stop and self._hit_stop_string(seq):
+        # A stop string can only appear where this step finalised tokens.
+        for seq, finalized in zip(ok, update.tokens_finalized):
+            if finalized and seq.params.stop and self._hit_stop_string(seq):
                 to_report[seq.seq_id] = seq
         for seq in update.finished:
             to_report[seq.seq_id] = seq

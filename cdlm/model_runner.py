@@ -106,13 +106,17 @@ class ModelRunner:
         threshold = torch.tensor([s.threshold for s in seqs], device=device)
         per_step = torch.tensor([s.params.tokens_per_step or 0 for s in seqs], device=device)
         chosen = select_positions(confidence, eligible, threshold, per_step)
-        # The one host sync of the step: which positions were finalised, and to what.
+        # The one host sync of the step: how many positions each row finalised, then which
+        # (row-major, so each row's positions ascend) and to what.
         rows, cols = chosen.nonzero(as_tuple=True)
-        picked = torch.stack((rows, cols, tokens[rows, cols])).tolist()
-        decided: list[tuple[list[int], list[int]]] = [([], []) for _ in seqs]
-        for row, col, tok in zip(*picked):
-            decided[row][0].append(col)
-            decided[row][1].append(tok)
+        batch, total = len(seqs), len(rows)
+        flat = torch.cat((chosen.sum(dim=1), cols, tokens[rows, cols])).tolist()
+        positions, picked = flat[batch:batch + total], flat[batch + total:]
+        decided: list[tuple[list[int], list[int]]] = []
+        start = 0
+        for count in flat[:batch]:
+            decided.append((positions[start:start + count], picked[start:start + count]))
+            start += count
         return decided
 
     # --- cdlm: block-causal + exact KV cache --------------------------------------------------

@@ -10,7 +10,8 @@ class SamplingParams:
     """How one request is decoded.
 
     `threshold`: finalise every masked position whose confidence reaches it (None: the engine's
-    default, 0.9); at least the most confident position is finalised each step.
+    default, i.e. the checkpoint's `generation_config.json` threshold, else 0.9); at least the
+    most confident position is finalised each step.
     `tokens_per_step`: instead of the threshold, finalise exactly this many positions per step
     (the most confident). 1 gives the naive one-token-per-step policy.
     """

@@ -180,14 +180,19 @@ class SSEResponse(StreamingResponse):
             else:
                 logger.info("client disconnected during streaming; aborting")
         finally:
-            for t in (stream_task, listen_task):
-                t.cancel()
-            for t in (stream_task, listen_task):
-                with contextlib.suppress(BaseException):
-                    await t
+            await _cancel_and_wait(stream_task, listen_task)
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self.on_close()
+
+
+async def _cancel_and_wait(*tasks: asyncio.Task) -> None:
+    """Cancel the tasks and wait until each has ended, whatever it raised."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(BaseException):
+            await t
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -397,11 +402,7 @@ class Generation:
                 self.abort_unfinished()
                 return _fail_from(exc).response()
         finally:
-            for t in (work, watcher):
-                t.cancel()
-            for t in (work, watcher):
-                with contextlib.suppress(BaseException):
-                    await t
+            await _cancel_and_wait(work, watcher)
         self._closed = True
         if self.kind == "completion":
             choices = [P.completion_choice(c.index, c.text, c.finish_reason)

@@ -35,6 +35,7 @@ from training.checkpoint import load_state, rng_state, save_state, set_rng_state
 from training.io_utils import append_jsonl, atomic_write_json, replace_dir, tmp_dir_next_to
 from training.losses import (consistency_loss, distillation_loss, masked_diffusion_loss,
                              random_answer_mask, sample_mask_ratio)
+from training.schedule import warmup_cosine_lr
 from training.trajectories import Trajectory, TrajectoryPool, read_index
 
 # LoRA targets per family: every attention and MLP projection inside a layer, nothing else.
@@ -203,13 +204,6 @@ def _base(model):
     return model
 
 
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def check_complete(root: Path) -> dict:
     index = read_index(root)
     if not index["complete"]:
@@ -257,8 +251,9 @@ def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill",
                disable=not accelerator.is_main_process)
     for step in bar:
+        lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         picks = [pool.draw(rng) for _ in range(cfg.batch_size)]
         examples = [block_example(t, rng.choice(decoded_blocks(t, block_size)), block_size,
                                   mask_id, rng) for t in picks]
@@ -270,7 +265,7 @@ def distill(base_dir: Path, traj_dir: Path, out_dir: Path, cfg: DistillConfig) -
         done = step + 1
         if accelerator.is_main_process and done % cfg.log_every == 0:
             row = {"step": done, **{k: round(v.item(), 5) for k, v in losses.items()},
-                   "lr": lr_at(step, cfg), "elapsed_s": round(time.time() - t0, 1)}
+                   "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
             append_jsonl(log, row)
             bar.set_postfix(loss=row["loss"], distill=row["distill"], cons=row["cons"])
         if accelerator.is_main_process and (done % cfg.ckpt_every == 0 or done == cfg.steps):

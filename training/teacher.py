@@ -41,6 +41,7 @@ from training.checkpoint import load_state, rng_state, save_state, set_rng_state
 from training.data import Example, collate_sft, encode_example
 from training.io_utils import append_jsonl, atomic_write_json, read_jsonl
 from training.losses import masked_diffusion_loss, random_answer_mask, sample_mask_ratio
+from training.schedule import warmup_cosine_lr
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -129,14 +130,6 @@ def sft_loss(model: DiffusionLM, examples: list[Example], cfg: TeacherConfig, pa
     return masked_diffusion_loss(logits, batch.input_ids, masked, weights, batch.answer_mask)
 
 
-def lr_at(step: int, cfg: TeacherConfig) -> float:
-    """Linear warm-up, cosine decay to 10%."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_teacher(data_files: list[Path], tokenizer_dir: Path, out_dir: Path,
                   cfg: TeacherConfig, eval_fn=None, eval_every: int = 0) -> Path:
     """Train (or resume) and save the LLaDA-layout teacher to out_dir/model. Returns that dir."""
@@ -166,8 +159,9 @@ def train_teacher(data_files: list[Path], tokenizer_dir: Path, out_dir: Path,
     t0 = time.time()
     model.train()
     for step in range(start, cfg.steps):
+        lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         batch = sampler.sample(examples, cfg.batch_size)
         loss = sft_loss(model, batch, cfg, mcfg.pad_token_id or 0)
         opt.zero_grad(set_to_none=True)
@@ -177,7 +171,7 @@ def train_teacher(data_files: list[Path], tokenizer_dir: Path, out_dir: Path,
         done = step + 1
         if done % cfg.log_every == 0:
             append_jsonl(log, {"step": done, "loss": round(loss.item(), 5),
-                               "lr": lr_at(step, cfg), "elapsed_s": round(time.time() - t0, 1)})
+                               "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
         if eval_fn is not None and eval_every and done % eval_every == 0:
             model.eval()
             append_jsonl(log, {"step": done, "eval": eval_fn(model)})
