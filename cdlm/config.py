@@ -103,6 +103,8 @@ class EngineConfig:
     device: str | None = None              # None: cuda if available else cpu
     default_mode: DecodingMode = "cdlm"
     seed: int = 0                          # engine generator for unseeded sampling requests
+    attention_backend: str = "auto"        # auto: the Triton kernel on CUDA, else plain torch
+    cuda_graphs: bool = True               # replay steps without admissions from CUDA graphs
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
@@ -119,5 +121,7 @@ class EngineConfig:
             raise ValueError("max_queue must be >= 0")
         if self.default_mode not in DECODING_MODES:
             raise ValueError(f"default_mode must be one of {DECODING_MODES}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError("attention_backend must be auto, torch or triton")
         if self.dtype not in (None, "float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")

@@ -86,10 +86,17 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         page_size = self.config.page_size
         num_pages = self._kv_pages(page_size)
-        self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device)
+        self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device,
+                                self.block_size)
         self.scheduler = Scheduler(BlockManager(num_pages, page_size), self.config.max_num_seqs,
                                    self.config.max_queue)
-        self.runner = ModelRunner(model, self.pool, self.block_size, self.config.seed)
+        max_pages = -(-(self.max_model_len + self.block_size) // page_size)
+        self.runner = ModelRunner(model, self.pool, self.block_size,
+                                  max_requests=self.config.max_num_seqs,
+                                  max_pages_per_request=max_pages,
+                                  engine_seed=self.config.seed,
+                                  attention_backend=self.config.attention_backend,
+                                  cuda_graphs=self.config.cuda_graphs)
         self.stop_token_ids = frozenset(
             t for t in (model.config.eos_token_id, tokenizer.eot_token_id) if t is not None)
         self.stats = EngineStats()

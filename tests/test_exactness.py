@@ -38,13 +38,13 @@ def _lockstep(engine: LLMEngine, prompts, params: SamplingParams) -> tuple[list,
         cached = [s for s in seqs if s.mode == "cdlm"]
         reference = [s for s in seqs if s.mode == "reference"]
         assert [s.seq_id[1:] for s in cached] == [s.seq_id[1:] for s in reference]
-        with torch.inference_mode():
-            logits_c = runner._logits_cdlm(cached)
-            logits_r = runner._logits_reference(reference)
+        runner.keep_logits = True
+        decided_c = runner.execute(cached)
+        logits_c = runner.step_logits()
+        decided_r = runner.execute(reference)
+        logits_r = runner.step_logits()
         torch.testing.assert_close(logits_c, logits_r, rtol=1e-4, atol=1e-4)
         compared += 1
-        decided_c = runner._decide(cached, logits_c)
-        decided_r = runner._decide(reference, logits_r)
         assert decided_c == decided_r
         for group, decided in ((cached, decided_c), (reference, decided_r)):
             for seq in scheduler.update(group, decided).finished:

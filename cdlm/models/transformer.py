@@ -12,14 +12,13 @@ renaming and a peft adapter's module paths match ours:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cdlm.attention import attend
 from cdlm.config import ModelConfig
+from cdlm.paged_attention import PagedKV
 
 
 class RMSNorm(nn.Module):
@@ -60,25 +59,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32:
         return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
-
-
-@dataclass
-class KVWrite:
-    """How one forward pass talks to the paged KV pool (see cdlm.kv_cache).
-
-    write_rows / write_slots: [n] flat token indices (into batch*seq) of every real token in the
-        pass and the pool slots they go to. Committed tokens get their final K/V; the current
-        block's masked tokens are scratch, read only within this pass and overwritten by the
-        pass that commits the block, before anything reads them as cached prefix.
-    key_slots: [batch, keys] the slots each row attends to: its cached prefix, then its tokens
-        of this pass (padding points anywhere; the mask hides it). One gather, no concatenation.
-    """
-
-    pool_k: list[torch.Tensor]   # per layer [num_slots, kv_heads, head_dim]
-    pool_v: list[torch.Tensor]
-    write_rows: torch.Tensor
-    write_slots: torch.Tensor
-    key_slots: torch.Tensor
 
 
 class _Attention(nn.Module):
@@ -127,13 +107,13 @@ class TransformerBlock(nn.Module):
     def down(self) -> nn.Module: raise NotImplementedError
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, layer_idx: int, kv: KVWrite | None) -> torch.Tensor:
+                mask: torch.Tensor | None, layer_idx: int, kv: PagedKV | None) -> torch.Tensor:
         x = x + self._attention(self.attn_norm_module(x), cos, sin, mask, layer_idx, kv)
         h = self.mlp_norm_module(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
     def _attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | None, layer_idx: int, kv: KVWrite | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, layer_idx: int, kv: PagedKV | None) -> torch.Tensor:
         cfg = self.config
         batch, seq, _ = h.shape
         q = self.q(h).view(batch, seq, cfg.num_heads, cfg.head_dim)
@@ -141,27 +121,11 @@ class TransformerBlock(nn.Module):
         v = self.v(h).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rotary(q, cos, sin, cfg.rope_rotation_in_fp32)
         k = apply_rotary(k, cos, sin, cfg.rope_rotation_in_fp32)
-        if kv is not None:
-            k, v = _with_cache(k, v, kv, layer_idx)
+        if kv is not None:   # a packed pass: batch 1, every token of the step in a row
+            out = kv.attend(q[0], k[0], v[0], layer_idx)                  # [tokens, heads, hd]
+            return self.o(out.reshape(batch, seq, cfg.hidden_size))
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o(out.transpose(1, 2).reshape(batch, seq, cfg.hidden_size))
-
-
-def _with_cache(k: torch.Tensor, v: torch.Tensor, kv: KVWrite, layer_idx: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store this pass's K/V in the pool, then read each row's keys (prefix + this pass)."""
-    pool_k, pool_v = kv.pool_k[layer_idx], kv.pool_v[layer_idx]
-    flat_k = k.reshape(-1, *k.shape[2:])                      # [batch*seq, kv_heads, hd]
-    flat_v = v.reshape(-1, *v.shape[2:])
-    pool_k.index_copy_(0, kv.write_slots, flat_k.index_select(0, kv.write_rows))
-    pool_v.index_copy_(0, kv.write_slots, flat_v.index_select(0, kv.write_rows))
-    # index_select on a [slots, kv_heads*hd] view: several times faster than advanced
-    # indexing on CPU, and a plain gather on CUDA.
-    shape = (*kv.key_slots.shape, *k.shape[2:])               # [batch, keys, kv_heads, hd]
-    flat_slots = kv.key_slots.reshape(-1)
-    keys = pool_k.view(pool_k.shape[0], -1).index_select(0, flat_slots).view(shape)
-    values = pool_v.view(pool_v.shape[0], -1).index_select(0, flat_slots).view(shape)
-    return keys, values
 
 
 class LLaDABlock(TransformerBlock):
@@ -268,10 +232,13 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,                   # [batch, seq]
         positions: torch.Tensor | None = None,     # [batch, seq]; default 0..seq-1
-        attention_mask: torch.Tensor | None = None,  # [batch, 1, seq, keys] bool; None = full
-        kv: KVWrite | None = None,
+        attention_mask: torch.Tensor | None = None,  # [batch, 1, seq, keys] bool/additive; None = full
+        kv: PagedKV | None = None,                 # a packed pass over the paged pool (batch 1)
     ) -> torch.Tensor:
-        """Final-normed hidden states [batch, seq, hidden]. Logits: `self.logits(hidden)`."""
+        """Final-normed hidden states [batch, seq, hidden]. Logits: `self.logits(hidden)`.
+
+        Dense passes (training, the reference and teacher modes) attend under
+        `attention_mask`; a packed pass attends through `kv` (cdlm.paged_attention)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
