@@ -45,15 +45,17 @@ Decisions = list[tuple[list[int], list[int]]]   # per sequence: (positions, toke
 
 
 def choose_attention_backend(requested: str, device: torch.device, head_dim: int) -> str:
-    """`triton` on CUDA when Triton is importable and the head size suits the kernel, else
-    `torch`. Asking for `triton` off CUDA is honoured only under the Triton interpreter."""
-    if requested == "torch":
+    """`auto`: the Triton kernel on CUDA when Triton imports and the head size suits it, else
+    plain torch. An explicit `triton` off CUDA is honoured only under the Triton interpreter
+    (tests)."""
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return "torch"
     try:
         from cdlm.kernels import paged_attention as kernel
     except ImportError:
         if requested == "triton":
             raise
+        logger.warning("triton is not importable: attention runs on the plain-torch path")
         return "torch"
     usable = kernel.supports(head_dim) and (device.type == "cuda" or kernel.interpreted())
     if requested == "triton" and not usable:
