@@ -18,6 +18,8 @@ committed token: in `cdlm` mode its hidden state is kept per request on the devi
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -42,6 +44,20 @@ logger = logging.getLogger(__name__)
 _PAD_SEGMENT = 1 << 30
 
 Decisions = list[tuple[list[int], list[int]]]   # per sequence: (positions, tokens) finalised
+
+
+@dataclass
+class PassStats:
+    """What the last packed pass computed (host-side counts, for benchmarks and metrics)."""
+
+    tokens: int = 0              # query tokens (no padding)
+    segments: int = 0
+    rows: int = 0
+    attended_pairs: int = 0      # sum over segments of q_len * kv_end
+    has_admission: bool = False
+    has_commit: bool = False
+    graph: bool = False          # replayed from a captured CUDA graph
+    wait_s: float = 0.0          # time blocked on the step's one device-to-host transfer
 
 
 def choose_attention_backend(requested: str, device: torch.device, head_dim: int) -> str:
@@ -87,6 +103,7 @@ class ModelRunner:
         # Tests set this to read the block logits of the last group run (step_logits()).
         self.keep_logits = False
         self._kept_logits: torch.Tensor | None = None
+        self.last_pass = PassStats()
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.attention_backend == "triton":
             from cdlm.cuda_graphs import StepGraphs
@@ -139,8 +156,14 @@ class ModelRunner:
         keys = [self._noise_key(s) for s in seqs]
         sampling_flags = (any(not s.params.greedy for s in seqs),
                           any(_filters(s) for s in seqs))
+        use_graph = (self.graphs is not None and self.graphs.enabled
+                     and not layout.has_admission and not self.keep_logits)
+        self.last_pass = PassStats(
+            tokens=layout.num_tokens, segments=len(layout.segments), rows=len(layout.rows),
+            attended_pairs=sum(s.q_len * s.kv_end for s in layout.segments),
+            has_admission=layout.has_admission, has_commit=layout.has_commit, graph=use_graph)
         try:
-            if self.graphs is not None and not layout.has_admission and not self.keep_logits:
+            if use_graph:
                 decided = self.graphs.run(layout, keys, sampling_flags)
             else:
                 decided = self._run_eager(layout, keys, sampling_flags)
@@ -159,7 +182,14 @@ class ModelRunner:
         inputs = StepTensors.views(upload(host, self.device, self._staging), shape)
         kv = self.paged_kv(inputs, layout)
         decided = self.packed_step(inputs, kv, sampling_flags)
-        return decided.cpu().numpy()          # the step's one device-to-host transfer
+        return self.download(decided)
+
+    def download(self, decided: torch.Tensor) -> np.ndarray:
+        """The step's one device-to-host transfer (and its one wait for the device)."""
+        start = time.perf_counter()
+        host = decided.cpu().numpy()
+        self.last_pass.wait_s = time.perf_counter() - start
+        return host
 
     def paged_kv(self, inputs: StepTensors, layout: StepLayout | None) -> PagedKV:
         """The pool access of one packed pass. The torch backend needs the host layout (it

@@ -4,56 +4,26 @@ the Triton interpreter, against the torch op."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 
 import pytest
 import torch
 
-# The kernel module reads this when it is imported (inside the tests below).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel module reads this when it is imported (inside the tests below). On a CUDA
+# machine the kernel runs for real instead (tests/test_cuda.py) and these tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cdlm.paged_attention import paged_attention_torch, segment_table, torch_groups  # noqa: E402
-from cdlm.step_layout import pack_step  # noqa: E402
-from fakes import random_requests  # noqa: E402
+from fakes import attention_definition as _definition  # noqa: E402
+from fakes import random_paged_case as _case  # noqa: E402
 
 triton_available = True
 try:
     import triton  # noqa: F401
 except ImportError:
     triton_available = False
-
-
-def _case(seed: int, block_size: int, page_size: int, heads: int, kv_heads: int,
-          head_dim: int, dtype: torch.dtype, count: int = 6):
-    rng = random.Random(seed)
-    num_pages = 400
-    seqs = random_requests(rng, count, block_size, page_size, num_pages)
-    layout = pack_step(seqs, list(range(count)), block_size, page_size)
-    width = max(len(s.pages) for s in seqs)
-    table = torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in seqs], dtype=torch.int32)
-    gen = torch.Generator().manual_seed(seed)
-    slots = (num_pages + 1) * page_size
-    pool_k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(dtype)
-    pool_v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(dtype)
-    q = torch.randn(layout.num_tokens, heads, head_dim, generator=gen).to(dtype)
-    return seqs, layout, table, pool_k, pool_v, q, num_pages * page_size
-
-
-def _definition(seqs, layout, pool_k, pool_v, q, page_size):
-    """Each query token of segment s attends to its request's positions [0, kv_end(s))."""
-    out = torch.empty(q.shape, dtype=torch.float64)
-    group = q.shape[1] // pool_k.shape[1]
-    for seg in layout.segments:
-        pages = seqs[seg.row].pages
-        slots = [pages[p // page_size] * page_size + p % page_size for p in range(seg.kv_end)]
-        keys, values = pool_k[slots].double(), pool_v[slots].double()
-        for t in range(seg.q_start, seg.q_start + seg.q_len):
-            for h in range(q.shape[1]):
-                scores = keys[:, h // group] @ q[t, h].double() / math.sqrt(q.shape[2])
-                out[t, h] = torch.softmax(scores, 0) @ values[:, h // group]
-    return out
 
 
 @pytest.mark.parametrize("block_size,page_size", [(8, 2), (8, 16), (32, 16), (32, 32)])

@@ -34,7 +34,7 @@ def _paged_block_attention(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_table,
     sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0)
     head = tl.program_id(1)
@@ -63,7 +63,7 @@ def _paged_block_attention(
         slot = page * PAGE_SIZE + pos % PAGE_SIZE                        # [BLOCK_KV]
         k = tl.load(k_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_valid[:, None], other=0.0)                  # [BLOCK_KV, HEAD_DIM]
-        scores = tl.dot(q, tl.trans(k)) * qk_scale                      # [BLOCK_Q, BLOCK_KV]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                      # [BLOCK_Q, BLOCK_KV]
         scores = tl.where(kv_valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.exp2(scores - m_new[:, None])
@@ -71,7 +71,7 @@ def _paged_block_attention(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -106,5 +106,7 @@ def paged_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.
         1.0 / math.sqrt(head_dim),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_KV=64,
+        # fp32 pools (tests, exactness checks) get exact products, not TF32.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2)
     return out
