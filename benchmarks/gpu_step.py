@@ -61,6 +61,7 @@ def tiny_shape(family: str) -> dict:
 @dataclass
 class Row:
     family: str
+    variant: str              # "eager ops" or "compiled ops" (EngineConfig.compile_layer_ops)
     batch: int
     kind: str                 # all / plain / commit / admission
     steps: int
@@ -180,8 +181,8 @@ def count_launches(engine: LLMEngine, steps: int, cuda: bool) -> float:
     return launches / max(1, done)
 
 
-def run_batch(engine: LLMEngine, family: str, batch: int, prompt_len: int, new_tokens: int,
-              tokens_per_step: int, total_requests: int, sync, cuda: bool,
+def run_batch(engine: LLMEngine, family: str, variant: str, batch: int, prompt_len: int,
+              new_tokens: int, tokens_per_step: int, total_requests: int, sync, cuda: bool,
               floor_of) -> list[Row]:
     vocab = engine.model_config.vocab_size
     special = {engine.model_config.mask_token_id, engine.model_config.eos_token_id}
@@ -240,7 +241,7 @@ def run_batch(engine: LLMEngine, family: str, batch: int, prompt_len: int, new_t
         step_ms = statistics.median(s["s"] for s in picked) * 1e3
         floor_ms = statistics.median(s["floor"] for s in picked) * 1e3
         rows.append(Row(
-            family=family, batch=batch, kind=kind, steps=len(picked), step_ms=step_ms,
+            family=family, variant=variant, batch=batch, kind=kind, steps=len(picked), step_ms=step_ms,
             floor_ms=floor_ms, ratio_to_floor=step_ms / floor_ms if floor_ms else float("nan"),
             tokens_per_s=generated / loop_s if kind == "all" else float("nan"),
             host_ms=statistics.median(s["host"] for s in picked) * 1e3,
@@ -264,10 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests completed per measured batch size, in multiples of the batch")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--compiled-batches", default="1",
+                   help="also measure these batches with torch.compile'd layer ops ('' = none)")
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.tiny:
+        if args.compiled_batches == p.get_default("compiled_batches"):
+            args.compiled_batches = ""      # compiling on a CPU takes minutes
         args.prompt_len, args.new_tokens = min(args.prompt_len, 48), min(args.new_tokens, 64)
         if args.batches == p.get_default("batches"):
             args.batches = "1,4"
@@ -303,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             "attention": engine.runner.attention_backend,
             "cuda_graphs": engine.runner.graphs is not None,
         }
-        for batch in batches:
+        compiled = [int(b) for b in args.compiled_batches.split(",") if b]
+        runs = [("eager ops", b) for b in batches] + [("compiled ops", b) for b in compiled]
+        for variant, batch in runs:
+            if variant == "compiled ops":
+                engine.model.compile_layer_ops()
             total = max(batch, int(batch * args.requests_per_batch))
-            rows = run_batch(engine, family, batch, args.prompt_len, args.new_tokens,
+            rows = run_batch(engine, family, variant, batch, args.prompt_len, args.new_tokens,
                              args.tokens_per_step, total, sync, cuda, floor_of)
             results["rows"].extend(asdict(r) for r in rows)
             if engine.runner.graphs is not None:
@@ -333,7 +342,7 @@ def print_table(results: dict) -> None:
               f"cuda_graphs={info['cuda_graphs']}"
               + (f" (captured {info.get('graphs_captured')}, enabled {info.get('graphs_enabled')})"
                  if info["cuda_graphs"] else ""))
-    columns = ["family", "batch", "kind", "steps", "step ms", "floor ms", "step/floor", "tok/s",
+    columns = ["family", "ops", "batch", "kind", "steps", "step ms", "floor ms", "step/floor", "tok/s",
                "host ms", "syncs/step", "launches/step", "tokens/pass", "graphs"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -342,7 +351,7 @@ def print_table(results: dict) -> None:
         return "" if value != value else f"{value:.{digits}f}"   # NaN: not measured
 
     for r in results["rows"]:
-        cells = [r["family"], str(r["batch"]), r["kind"], str(r["steps"]), num(r["step_ms"], 2),
+        cells = [r["family"], r["variant"], str(r["batch"]), r["kind"], str(r["steps"]), num(r["step_ms"], 2),
                  num(r["floor_ms"], 2), num(r["ratio_to_floor"], 2), num(r["tokens_per_s"], 0),
                  num(r["host_ms"], 2), num(r["syncs_per_step"], 2),
                  num(r["launches_per_step"], 0), num(r["tokens_per_pass"], 0),

@@ -77,6 +77,8 @@ class LLMEngine:
         if self.config.threshold is None:
             self.config = replace(self.config, threshold=DEFAULT_THRESHOLD)
         self.model = model
+        if self.config.compile_layer_ops:
+            model.compile_layer_ops()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_config = model.config
@@ -89,7 +91,7 @@ class LLMEngine:
         self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device,
                                 self.block_size)
         self.scheduler = Scheduler(BlockManager(num_pages, page_size), self.config.max_num_seqs,
-                                   self.config.max_queue)
+                                   self.config.max_queue, self.config.max_prefill_tokens)
         max_pages = -(-(self.max_model_len + self.block_size) // page_size)
         self.runner = ModelRunner(model, self.pool, self.block_size,
                                   max_requests=self.config.max_num_seqs,

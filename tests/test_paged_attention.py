@@ -4,20 +4,16 @@ the Triton interpreter, against the torch op."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-# The kernel module reads this when it is imported (inside the tests below). On a CUDA
-# machine the kernel runs for real instead (tests/test_cuda.py) and these tests skip.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from cdlm.paged_attention import paged_attention_torch, segment_table, torch_groups  # noqa: E402
-from fakes import attention_definition as _definition  # noqa: E402
-from fakes import random_paged_case as _case  # noqa: E402
+# Without CUDA, tests/conftest.py selects Triton's interpreter for the kernel tests below; on
+# a CUDA machine the kernel runs for real in tests/test_cuda.py and these tests skip.
+from cdlm.paged_attention import paged_attention_torch, segment_table, torch_groups
+from fakes import attention_definition as _definition
+from fakes import random_paged_case as _case
 
 triton_available = True
 try:
