@@ -174,9 +174,11 @@ class ModelRunner:
             raise
         return _to_lists(decided[:len(seqs)])
 
-    def _run_eager(self, layout: StepLayout, keys: list[int],
-                   sampling_flags: tuple[bool, bool]) -> np.ndarray:
-        shape = StepShape(layout.num_tokens, len(layout.segments), len(layout.rows))
+    def _run_eager(self, layout: StepLayout, keys: list[int], sampling_flags: tuple[bool, bool],
+                   shape: StepShape | None = None) -> np.ndarray:
+        """One packed step without a graph; `shape` pads it to a bucket's fixed shape (what
+        a captured graph runs), else it runs at its exact size."""
+        shape = shape or StepShape(layout.num_tokens, len(layout.segments), len(layout.rows))
         host = flatten(layout, keys, shape, self.block_size, self.config.mask_token_id,
                        self.scratch_slot, self.states.dummy_slot)
         inputs = StepTensors.views(upload(host, self.device, self._staging), shape)

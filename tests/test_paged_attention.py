@@ -87,3 +87,51 @@ def test_engine_with_the_triton_kernel_decodes_like_the_torch_op(family, tiny_ll
                     done[out.request_id] = (out.token_ids, out.steps)
         outputs[backend] = done
     assert outputs["triton"] == outputs["torch"]
+
+
+@pytest.mark.skipif(not triton_available, reason="triton is not installed")
+def test_steps_padded_to_graph_buckets_decide_like_exact_steps(tiny_dream):
+    """What a captured CUDA graph runs: admission-free steps padded to a bucket's segment and
+    row counts (scratch pages, the dummy state row). Run eagerly here, they must decide exactly
+    like the unpadded steps."""
+    from cdlm.config import EngineConfig
+    from cdlm.cuda_graphs import bucket
+    from cdlm.engine import LLMEngine
+    from cdlm.kernels.paged_attention import interpreted
+    from cdlm.sampling_params import SamplingParams
+    from cdlm.step_inputs import StepShape
+    if not interpreted():
+        pytest.skip("needs the Triton interpreter")
+    engine = LLMEngine.from_pretrained(str(tiny_dream[0]), engine_config=EngineConfig(
+        threshold=0.4, attention_backend="triton", page_size=16))
+    runner = engine.runner
+    real = runner._run_eager
+    padded_steps = 0
+
+    def padded(layout, keys, flags, shape=None):
+        nonlocal padded_steps
+        if layout.has_admission:
+            return real(layout, keys, flags)
+        segments, rows = bucket(len(layout.segments) + 1), bucket(len(layout.rows) + 1)
+        padded_steps += 1
+        return real(layout, keys, flags, StepShape(segments * runner.block_size, segments, rows))
+
+    rng = random.Random(9)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(1, 30))] for _ in range(5)]
+    params = [SamplingParams(max_tokens=20, temperature=0.0 if i % 2 else 0.7, seed=i)
+              for i in range(len(prompts))]
+
+    def run() -> dict:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = (out.token_ids, out.steps)
+        return done
+
+    exact = run()
+    runner._run_eager = padded
+    assert run() == exact
+    assert padded_steps > 3
