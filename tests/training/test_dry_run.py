@@ -142,3 +142,19 @@ def test_collect_dry_run_disk_estimate_bounds_the_real_collection(micro_world, t
     # Tensor bytes (an upper bound on them); a shard adds its JSON header of metadata.
     assert 0.5 * real < plan.disk_bytes < 1.2 * real, (plan.disk_bytes, real)
     assert len(shards) == plan.shards
+
+
+def test_bf16_base_keeps_fp32_lora_and_trains(micro_world, tmp_path):
+    from training.distill import distill
+    from launch import adapter, log_rows
+    root, _ = micro_world
+    cfg = DistillConfig(lora_r=4, lora_alpha=8, steps=3, batch_size=4, log_every=1,
+                        base_dtype="bfloat16", gradient_checkpointing=True, device="cpu")
+    student = make_student(root / "teacher" / "model", cfg)
+    assert {p.dtype for p in student.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
+    out = tmp_path / "student"
+    distill(root / "teacher" / "model", root / "trajectories", out, cfg)
+    rows = log_rows(out)
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(t.dtype == torch.float32 for t in adapter(out).values())
