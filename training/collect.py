@@ -49,7 +49,7 @@ class CollectConfig:
     block_size: int = 32
     batch_size: int = 32
     chunk_size: int = 256
-    max_shard_mb: int = 2048  # the chunk size is cut so that one shard stays under this
+    max_shard_mb: float = 2048.0  # chunks are cut so that a shard's tensors stay under this
     hidden_dtype: str = "float16"
     limit: int = 0          # 0 = every prompt
     max_prompt_tokens: int = 512  # templated prompts longer than this are skipped (0 = keep all)
@@ -106,7 +106,7 @@ def record_bytes(cfg: CollectConfig, hidden_size: int, prompt_len: int) -> int:
 
 
 def effective_chunk_size(cfg: CollectConfig, hidden_size: int, max_prompt_len: int) -> int:
-    budget = cfg.max_shard_mb * 2**20
+    budget = int(cfg.max_shard_mb * 2**20) - 8 * 5     # each field's offsets end with one more
     return max(1, min(cfg.chunk_size, budget // record_bytes(cfg, hidden_size, max_prompt_len)))
 
 
