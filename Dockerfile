@@ -74,6 +74,8 @@ ENV HF_HOME=/data/hf \
 # ---------------------------------------------------------------------------------------------
 FROM base AS train
 COPY deploy/training /opt/cdlm/deploy/training
+# The `train` extra: prompt sets from parquet, `datasets` directories and hub datasets.
+RUN pip install --no-cache-dir "/opt/cdlm[train]"
 USER 10001:10001
 WORKDIR /home/cdlm
 VOLUME ["/data"]

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.io_utils import atomic_write_bytes
+
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the previous state intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Serialise in memory, then write a temporary file, fsync, rename: a crash leaves the
+    previous state intact, and a full disk surfaces as the OS's error (torch.save writing to
+    a file reports it as an unrelated "unexpected pos" failure)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def load_state(path: str | Path) -> dict[str, Any] | None:

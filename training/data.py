@@ -15,21 +15,30 @@ class Example:
     answer_ids: list[int]   # reference answer + end-of-turn + end-of-text padding to gen_len
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt as the engine sees a chat request (template applied when the model has one)."""
+def chat_prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The prompt as the engine sees a chat request (template applied when the model has one).
+    `prompt`: the user message, or a whole conversation (system / user / assistant turns)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
-        return tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return tokenizer.encode_chat(messages)
+    if not isinstance(prompt, str):
+        raise ValueError("a conversation needs the model's chat template; this tokenizer has none")
     return tokenizer.encode(prompt)
 
 
-def answer_ids(tokenizer: Tokenizer, answer: str, gen_len: int, eos_id: int) -> list[int]:
+def answer_ids(tokenizer: Tokenizer, answer: str, gen_len: int, eos_id: int,
+               truncate: bool = False) -> list[int]:
     """LLaDA's SFT target: the answer, the end-of-turn token, then end-of-text up to gen_len,
-    so the model learns to fill the unused tail of its generation window with EOS."""
+    so the model learns to fill the unused tail of its generation window with EOS.
+    A longer answer is an error, or with `truncate` its first gen_len tokens (real reasoning
+    sets hold answers of thousands of tokens; the DLM loss sees the generation window)."""
     ids = tokenizer.encode(answer, add_special_tokens=False)
     if tokenizer.eot_token_id is not None:
         ids = ids + [tokenizer.eot_token_id]
     if len(ids) > gen_len:
-        raise ValueError(f"answer of {len(ids)} tokens does not fit gen_len={gen_len}")
+        if not truncate:
+            raise ValueError(f"answer of {len(ids)} tokens does not fit gen_len={gen_len}")
+        return ids[:gen_len]
     return ids + [eos_id] * (gen_len - len(ids))
 
 

@@ -26,16 +26,31 @@ def random_answer_mask(answer_mask: torch.Tensor, t: torch.Tensor,
     The prompt is never masked (SFT): answer_mask [batch, seq] bool, t [batch].
     """
     u = torch.rand(answer_mask.shape, generator=generator, device=answer_mask.device)
-    return (u < t[:, None]) & answer_mask
+    return answer_mask_from_noise(answer_mask, t, u)
+
+
+def answer_mask_from_noise(answer_mask: torch.Tensor, t: torch.Tensor, u: torch.Tensor
+                           ) -> torch.Tensor:
+    """`random_answer_mask` with its uniforms u [batch, seq] drawn beforehand."""
+    return (u.to(answer_mask.device) < t.to(answer_mask.device)[:, None]) & answer_mask
 
 
 def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
-                          weights: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+                          weights: torch.Tensor, answer_mask: torch.Tensor,
+                          num_rows: int | None = None) -> torch.Tensor:
     """LLaDA's SFT loss: sum over masked positions of weight * CE, divided by each row's answer
-    length, averaged over rows. weights [batch, seq] (1/t on randomly masked positions)."""
+    length, averaged over rows. weights [batch, seq] (1/t on randomly masked positions).
+    `num_rows`: the rows of the whole batch when this is one part of it (the parts then sum
+    to the whole batch's loss); default: these rows are the batch."""
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [b, s]
+    return masked_diffusion_loss_from_ce(ce, masked, weights, answer_mask, num_rows)
+
+
+def masked_diffusion_loss_from_ce(ce: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor,
+                                  answer_mask: torch.Tensor, num_rows: int | None = None
+                                  ) -> torch.Tensor:
     per_row = (ce * weights * masked).sum(-1) / answer_mask.sum(-1).clamp(min=1)
-    return per_row.mean()
+    return per_row.mean() if num_rows is None else per_row.sum() / max(1, num_rows)
 
 
 def forward_kl(target_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -45,18 +60,25 @@ def forward_kl(target_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
     return (target_logp.exp() * (target_logp - student_logp)).sum(-1)
 
 
-def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def _mean_over(values: torch.Tensor, count: int | None) -> torch.Tensor:
+    """Mean of `values` [n], or their sum over `count` positions of a whole batch that these
+    are a part of (the parts of a split batch then sum to the whole batch's mean)."""
+    return values.mean() if count is None else values.sum() / max(1, count)
+
+
+def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                      count: int | None = None) -> torch.Tensor:
     """Mean forward KL from the teacher's distribution at finalisation to the student's
     prediction at the earlier state y, over the positions newly unmasked between y and y*."""
     if teacher_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    return forward_kl(teacher_logits.detach(), student_logits).mean()
+    return _mean_over(forward_kl(teacher_logits.detach(), student_logits), count)
 
 
-def consistency_loss(student_logits_y: torch.Tensor, student_logits_ystar: torch.Tensor
-                     ) -> torch.Tensor:
+def consistency_loss(student_logits_y: torch.Tensor, student_logits_ystar: torch.Tensor,
+                     count: int | None = None) -> torch.Tensor:
     """Mean KL from the student's own prediction at the more informed state y* (a stop-gradient
     target) to its prediction at y, over the positions still masked in y*."""
     if student_logits_y.shape[0] == 0:
         return student_logits_y.sum() * 0.0
-    return forward_kl(student_logits_ystar.detach(), student_logits_y).mean()
+    return _mean_over(forward_kl(student_logits_ystar.detach(), student_logits_y), count)

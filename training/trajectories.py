@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.io_utils import atomic_write_json
+from training.io_utils import reporting_disk_full, temp_path_next_to, write_json_if_changed
 
 FIELDS: tuple[str, ...] = ("prompt_ids", "tokens", "steps", "hidden", "answer_ids")
 INDEX = "index.json"
@@ -60,9 +60,14 @@ def save_shard(path: Path, records: list[Trajectory], hidden_dtype: torch.dtype)
         tensors[name] = (data.to(hidden_dtype) if name == "hidden" else data.to(torch.int32))
         tensors[name] = tensors[name].contiguous()
     metadata = {"meta": json.dumps([r.meta for r in records])}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with reporting_disk_full(path):
+        tmp = temp_path_next_to(path)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def load_shard(path: Path) -> list[Trajectory]:
@@ -84,13 +89,18 @@ def load_shard(path: Path) -> list[Trajectory]:
     return out
 
 
-def write_index(root: Path, num_chunks: int, chunk_size: int, num_prompts: int,
+def build_index(root: Path, num_chunks: int, chunk_size: int, num_prompts: int,
                 extra: dict) -> dict:
     """List the shards present; `complete` says whether every chunk has been collected."""
     present = sorted(p.name for p in root.glob("shard-*.safetensors"))
-    index = {"num_prompts": num_prompts, "chunk_size": chunk_size, "num_chunks": num_chunks,
-             "shards": present, "complete": len(present) == num_chunks, **extra}
-    atomic_write_json(root / INDEX, index)
+    return {"num_prompts": num_prompts, "chunk_size": chunk_size, "num_chunks": num_chunks,
+            "shards": present, "complete": len(present) == num_chunks, **extra}
+
+
+def write_index(root: Path, num_chunks: int, chunk_size: int, num_prompts: int,
+                extra: dict) -> dict:
+    index = build_index(root, num_chunks, chunk_size, num_prompts, extra)
+    write_json_if_changed(root / INDEX, index)
     return index
 
 
@@ -110,11 +120,15 @@ class TrajectoryPool:
 
     At most `max_shards` shards are held at once; every `refresh_every` draws one of them is
     swapped for another, so over a run every shard is visited. When every shard fits, draws
-    are uniform over all records.
+    are uniform over all records. Memory is that of `max_shards` shards, whatever the number
+    of shards in the collection (the index's list of names aside).
+
+    `state` (from `state_dict()`) restores a pool exactly: which shards are held, its own
+    generator and its draw count, so a resumed run draws what the uninterrupted one would.
     """
 
     def __init__(self, root: str | Path, max_shards: int = 8, refresh_every: int = 1024,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, state: dict | None = None) -> None:
         self.root = Path(root)
         self.names = list(read_index(self.root)["shards"])
         if not self.names:
@@ -122,10 +136,19 @@ class TrajectoryPool:
         self.max_shards = max(1, max_shards)
         self.refresh_every = refresh_every
         self.rng = rng or random.Random(0)
-        self.loaded: dict[str, list[Trajectory]] = {}
         self.draws = 0
-        for name in self.rng.sample(self.names, min(self.max_shards, len(self.names))):
-            self.loaded[name] = load_shard(self.root / name)
+        if state is None:
+            held = self.rng.sample(self.names, min(self.max_shards, len(self.names)))
+        else:
+            held = list(state["loaded"])
+            missing = [n for n in held if n not in self.names]
+            if missing:
+                raise ValueError(f"{self.root}: the checkpoint's pool holds shards this "
+                                 f"collection lacks ({missing[:3]}); resume with the "
+                                 "trajectories the run started on")
+            self.rng.setstate(state["rng"])
+            self.draws = int(state["draws"])
+        self.loaded: dict[str, list[Trajectory]] = {n: load_shard(self.root / n) for n in held}
         self._flat = [t for n in sorted(self.loaded) for t in self.loaded[n]]
 
     @property
@@ -139,9 +162,22 @@ class TrajectoryPool:
                 self._swap()
         return self._flat[rng.randrange(len(self._flat))]
 
+    def state_dict(self) -> dict:
+        return {"loaded": sorted(self.loaded), "draws": self.draws, "rng": self.rng.getstate()}
+
+    def resident_bytes(self) -> int:
+        """Bytes of tensor data the pool holds (what stays flat in the number of shards)."""
+        total = 0
+        for shard in self.loaded.values():
+            if shard:   # a shard's hidden states are views of one storage
+                total += shard[0].hidden.untyped_storage().nbytes()
+            total += sum(getattr(t, f).nbytes for t in shard for f in FIELDS if f != "hidden")
+        return total
+
     def _swap(self) -> None:
         out = self.rng.choice(sorted(self.loaded))
         new = self.rng.choice([n for n in self.names if n not in self.loaded])
         del self.loaded[out]
+        self._flat = []               # drop the last references first: never max_shards + 1
         self.loaded[new] = load_shard(self.root / new)
         self._flat = [t for n in sorted(self.loaded) for t in self.loaded[n]]

@@ -238,6 +238,9 @@ class DiffusionLM(nn.Module):
         super().__init__()
         self.config = config
         self.layer_ops = LayerOps()
+        # Training only (set by training.distill): keep each layer's input, recompute the rest
+        # of the layer in backward.
+        self.gradient_checkpointing = False
         if config.family == "llada":
             self.model = _LLaDABackbone(config)
         else:
@@ -284,8 +287,14 @@ class DiffusionLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer_idx, block in enumerate(self.layers):
-            x = block(x, cos, sin, attention_mask, layer_idx, kv, self.layer_ops)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attention_mask,
+                                                      layer_idx, kv, self.layer_ops,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attention_mask, layer_idx, kv, self.layer_ops)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from training.teacher import TOKENIZER_FILES, TeacherConfig, model_config
 from training.world.tokenizer import save_tokenizer
 
 torch.set_num_threads(1)
+# Helpers beside the tests (launch.py, real_configs.py) import by their plain names.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
