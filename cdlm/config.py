@@ -2,82 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["llada", "dream"]
-FAMILIES: tuple[str, ...] = ("llada", "dream")
+# ModelConfig is defined next to the family config.json readers that build it.
+from cdlm.models.layouts import FAMILIES, Family, ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    """A family-neutral view of a diffusion LM checkpoint.
-
-    `family` decides the module names (so real checkpoints and peft adapters load as they are)
-    and the prediction offset: LLaDA predicts position i from hidden state i, Dream (initialised
-    from an autoregressive Qwen2) from hidden state i-1.
-    """
-
-    family: Family
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    rope_theta: float
-    norm_eps: float
-    qkv_bias: bool
-    mask_token_id: int
-    eos_token_id: int
-    pad_token_id: int | None = None
-    max_position_embeddings: int = 4096
-    block_size: int = 32
-    tie_word_embeddings: bool = False
-    # The original config.json of the checkpoint, kept so that saving writes it back unchanged.
-    source_config: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "intermediate_size", "block_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be divisible by num_kv_heads")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("head_dim must be even for rotary embeddings")
-        for name in ("mask_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary")
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "ModelConfig":
-        """Read a checkpoint's config.json (either family's format); peft calls this too."""
-        from cdlm.models.loader import load_config, resolve_model_path
-        return load_config(resolve_model_path(name_or_path))
-
-    @property
-    def model_type(self) -> str:
-        return self.family
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def prediction_shift(self) -> int:
-        """How many positions back the hidden state that predicts a token sits."""
-        return 1 if self.family == "dream" else 0
-
-    @property
-    def rope_rotation_in_fp32(self) -> bool:
-        # LLaDA rotates q/k in fp32; Qwen2/Dream casts cos/sin to the activation dtype.
-        return self.family == "llada"
-
+__all__ = ["FAMILIES", "Family", "ModelConfig", "EngineConfig", "DecodingMode", "DECODING_MODES",
+           "DEFAULT_THRESHOLD"]
 
 DecodingMode = Literal["cdlm", "reference", "bidirectional"]
 DECODING_MODES: tuple[str, ...] = ("cdlm", "reference", "bidirectional")

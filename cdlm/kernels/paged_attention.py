@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from cdlm.paged_attention import SegmentTable
+if TYPE_CHECKING:
+    from cdlm.paged_attention import SegmentTable
 
 
 @triton.jit
@@ -88,7 +90,7 @@ def interpreted() -> bool:
 
 
 def paged_attention_triton(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
-                           segments: SegmentTable, page_size: int) -> torch.Tensor:
+                           segments: "SegmentTable", page_size: int) -> torch.Tensor:
     """q [tokens, heads, hd]; pools [slots, kv_heads, hd] -> [tokens, heads, hd]."""
     tokens, heads, head_dim = q.shape
     kv_heads = pool_k.shape[1]

@@ -1,3 +1,1 @@
-from cdlm.models.transformer import DiffusionLM
-
-__all__ = ["DiffusionLM"]
+"""Model definition (transformer), checkpoint layouts and loading. Import the submodules."""

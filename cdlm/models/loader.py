@@ -11,12 +11,16 @@ from typing import Iterator
 import torch
 
 from cdlm.config import ModelConfig
-from cdlm.models.layouts import config_from_dict, config_to_dict
+from cdlm.models.hub import resolve_model_path
+from cdlm.models.layouts import config_to_dict, read_config
+
+__all__ = ["load_model", "save_pretrained", "load_config", "resolve_model_path",
+           "resolve_device", "resolve_dtype"]
+load_config = read_config
 from cdlm.models.transformer import DiffusionLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 # Buffers some exporters write that carry no learned state.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -38,27 +42,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory as it is, otherwise a hub id fetched (or found in the hub cache)."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return local
-    name = str(name_or_path)
-    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"model {name!r} is neither a directory nor a hub id (org/name)")
-    from huggingface_hub import snapshot_download
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS,
-                                  local_files_only=offline))
-
-
-def load_config(path: Path) -> ModelConfig:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json")
-    return config_from_dict(json.loads(config_file.read_text()))
 
 
 def weight_files(path: Path) -> list[Path]:
