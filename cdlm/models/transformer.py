@@ -113,7 +113,7 @@ class _MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
 
-class TransformerBlock(nn.Module):
+class TransformerLayer(nn.Module):
     """Pre-norm attention + gated-SiLU MLP. Subclasses only choose the module names."""
 
     config: ModelConfig
@@ -164,7 +164,7 @@ class TransformerBlock(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, seq, cfg.hidden_size))
 
 
-class LLaDABlock(TransformerBlock):
+class LLaDALayer(TransformerLayer):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -190,7 +190,7 @@ class LLaDABlock(TransformerBlock):
     down = property(lambda self: self.ff_out)
 
 
-class DreamBlock(TransformerBlock):
+class DreamLayer(TransformerLayer):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -215,7 +215,8 @@ class _LLaDABackbone(nn.Module):
         super().__init__()
         modules: dict[str, nn.Module] = {
             "wte": nn.Embedding(config.vocab_size, config.hidden_size),
-            "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.num_layers)),
+            # "blocks" is LLaDA's published name for its transformer layers (checkpoint keys).
+            "blocks": nn.ModuleList(LLaDALayer(config) for _ in range(config.num_layers)),
             "ln_f": RMSNorm(config.hidden_size, config.norm_eps),
         }
         if not config.tie_word_embeddings:
@@ -227,7 +228,7 @@ class _DreamBackbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DreamLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
 
@@ -288,13 +289,13 @@ class DiffusionLM(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer_idx, block in enumerate(self.layers):
+        for layer_idx, layer in enumerate(self.layers):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attention_mask,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention_mask,
                                                       layer_idx, kv, self.layer_ops,
                                                       use_reentrant=False)
             else:
-                x = block(x, cos, sin, attention_mask, layer_idx, kv, self.layer_ops)
+                x = layer(x, cos, sin, attention_mask, layer_idx, kv, self.layer_ops)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
