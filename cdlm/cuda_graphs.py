@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cdlm.step_inputs import StepShape, StepTensors, flatten
+from cdlm.step_inputs import StepFlags, StepShape, StepTensors, flatten
 from cdlm.step_layout import StepLayout
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class StepGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def run(self, layout: StepLayout, keys: list[int], flags: tuple[bool, bool]) -> np.ndarray:
+    def run(self, layout: StepLayout, keys: list[int], flags: StepFlags) -> np.ndarray:
         """Decisions [rows, block] of a step without admissions, from a graph when possible."""
         runner = self.runner
         segments, rows = bucket(len(layout.segments)), bucket(len(layout.rows))
@@ -118,7 +118,7 @@ class StepGraphs:
         return entry
 
     def _verify(self, entry: CapturedStep, layout: StepLayout, keys: list[int],
-                flags: tuple[bool, bool]) -> np.ndarray:
+                flags: StepFlags) -> np.ndarray:
         """First use of a bucket: eager and graph on the same step must decide the same."""
         states = self.runner.states
         rows = torch.tensor([r.state_slot for r in layout.rows], device=self.runner.device)

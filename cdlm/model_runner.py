@@ -34,7 +34,7 @@ from cdlm.request_states import RequestStates
 from cdlm.sampler import SamplingTensors, log_odds_threshold, noise_key, predict_tokens, \
     select_positions
 from cdlm.scheduler import Sequence
-from cdlm.step_inputs import StepShape, StepTensors, flatten, upload
+from cdlm.step_inputs import StepFlags, StepShape, StepTensors, flatten, upload
 from cdlm.step_layout import StepLayout, pack_step
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class ModelRunner:
         self.keep_logits = False
         self._kept_logits: torch.Tensor | None = None
         self.last_pass = PassStats()
+        self._host_pages: list[list[int]] = []
+        self._block_offsets = torch.arange(block_size, device=self.device)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.attention_backend == "triton":
             from cdlm.cuda_graphs import StepGraphs
@@ -152,10 +154,13 @@ class ModelRunner:
             if seq.seq_id not in self.states:
                 self.states.admit(seq.seq_id, seq.pages, seq.params, seq.threshold)
         slots = [self.states.slot(s.seq_id) for s in seqs]
+        self._host_pages = [s.pages for s in seqs]   # the torch attention path's page tables
         layout = pack_step(seqs, slots, self.block_size, self.pool.page_size)
         keys = [self._noise_key(s) for s in seqs]
-        sampling_flags = (any(not s.params.greedy for s in seqs),
-                          any(_filters(s) for s in seqs))
+        flags = StepFlags(any_random=any(not s.params.greedy for s in seqs),
+                          any_filter=any(_filters(s) for s in seqs),
+                          any_reset=any(r.reset_block for r in layout.rows),
+                          any_host_tokens=any(r.prev_q_index >= 0 for r in layout.rows))
         use_graph = (self.graphs is not None and self.graphs.enabled
                      and not layout.has_admission and not self.keep_logits)
         self.last_pass = PassStats(
@@ -164,9 +169,9 @@ class ModelRunner:
             has_admission=layout.has_admission, has_commit=layout.has_commit, graph=use_graph)
         try:
             if use_graph:
-                decided = self.graphs.run(layout, keys, sampling_flags)
+                decided = self.graphs.run(layout, keys, flags.general())
             else:
-                decided = self._run_eager(layout, keys, sampling_flags)
+                decided = self._run_eager(layout, keys, flags)
         except Exception:
             # The device may hold half of this step's updates: put the host's blocks back.
             for seq in seqs:
@@ -174,7 +179,7 @@ class ModelRunner:
             raise
         return _to_lists(decided[:len(seqs)])
 
-    def _run_eager(self, layout: StepLayout, keys: list[int], sampling_flags: tuple[bool, bool],
+    def _run_eager(self, layout: StepLayout, keys: list[int], flags: StepFlags,
                    shape: StepShape | None = None) -> np.ndarray:
         """One packed step without a graph; `shape` pads it to a bucket's fixed shape (what
         a captured graph runs), else it runs at its exact size."""
@@ -183,7 +188,7 @@ class ModelRunner:
                        self.scratch_slot, self.states.dummy_slot)
         inputs = StepTensors.views(upload(host, self.device, self._staging), shape)
         kv = self.paged_kv(inputs, layout)
-        decided = self.packed_step(inputs, kv, sampling_flags)
+        decided = self.packed_step(inputs, kv, flags)
         return self.download(decided)
 
     def download(self, decided: torch.Tensor) -> np.ndarray:
@@ -205,24 +210,28 @@ class ModelRunner:
                 max_q_len=self.block_size)
         else:
             assert layout is not None
-            kv.groups = torch_groups(layout, self.states.page_table, self.pool.page_size,
-                                     self.scratch_slot, self.dtype)
+            kv.groups = torch_groups(layout, self._host_pages, self.pool.page_size,
+                                     self.scratch_slot, self.dtype, self.device)
         return kv
 
-    def packed_step(self, inputs: StepTensors, kv: PagedKV,
-                    sampling_flags: tuple[bool, bool]) -> torch.Tensor:
+    def packed_step(self, inputs: StepTensors, kv: PagedKV, flags: StepFlags) -> torch.Tensor:
         """Device work of one packed step (no host syncs; capturable). Returns the decisions
         [rows, block] int32: the finalised token, or -1 where nothing was finalised."""
         states, bsz = self.states, self.block_size
         mask_id = self.config.mask_token_id
         rows = inputs.state_slot                                                # [rows]
-        block = torch.where(inputs.reset_block[:, None] > 0, mask_id, states.block[rows])
-        states.block.index_copy_(0, rows, block)                                # open blocks
+        block = states.block[rows]                                              # [rows, bsz]
+        if flags.any_reset:                                                     # open blocks
+            block = torch.where(inputs.reset_block[:, None] > 0, mask_id, block)
+            states.block.index_copy_(0, rows, block)
         flat_block = states.block.view(-1)
-        ids = torch.where(inputs.block_index >= 0, flat_block[inputs.block_index.clamp(min=0)],
-                          inputs.host_ids)                                      # [tokens]
+        if flags.any_host_tokens:
+            ids = torch.where(inputs.block_index >= 0,
+                              flat_block[inputs.block_index.clamp(min=0)], inputs.host_ids)
+        else:                                                                   # blocks only
+            ids = flat_block[inputs.block_index]                                # [tokens]
         hidden = self.model(ids[None], inputs.positions[None], None, kv)[0]    # [tokens, d]
-        offsets = torch.arange(bsz, device=ids.device)
+        offsets = self._block_offsets                                           # [bsz]
         if self.config.prediction_shift:
             # Position 0 comes from the token before the block: in this pass (a commit) or
             # the state saved by the pass that committed it.
@@ -237,15 +246,16 @@ class ModelRunner:
         if self.keep_logits:
             self._kept_logits = logits
         eligible = (block == mask_id) & (offsets[None, :] < inputs.block_limit[:, None])
+        floats, ints = states.float_settings[rows], states.int_settings[rows]
         sampling = SamplingTensors(
-            temperature=states.temperature[rows], top_p=states.top_p[rows],
-            top_k=states.top_k[rows], min_p=states.min_p[rows], noise_key=inputs.noise_key,
-            any_random=sampling_flags[0], any_filter=sampling_flags[1])
+            temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], min_p=floats[:, 2],
+            noise_key=inputs.noise_key, any_random=flags.any_random,
+            any_filter=flags.any_filter)
         tokens, score = predict_tokens(logits, sampling)
-        chosen = select_positions(score, eligible, states.threshold[rows],
-                                  states.tokens_per_step[rows])
-        states.block.index_copy_(0, rows, torch.where(chosen, tokens, block))
-        return torch.where(chosen, tokens, -1).to(torch.int32)
+        chosen = select_positions(score, eligible, floats[:, 3], ints[:, 1])
+        decided = torch.where(chosen, tokens, -1)
+        states.block.index_copy_(0, rows, torch.where(chosen, decided, block))
+        return decided.to(torch.int32)
 
     # --- dense modes: the same model with a mask, state from the host --------------------------
     def _decide_dense(self, seqs: list[Sequence], logits: torch.Tensor) -> Decisions:
@@ -322,8 +332,10 @@ def _filters(seq: Sequence) -> bool:
 
 def _to_lists(decided: np.ndarray) -> Decisions:
     """[rows, block] token-or-minus-one -> per row (ascending positions, tokens)."""
-    out: Decisions = []
-    for row in decided:
-        positions = np.flatnonzero(row >= 0)
-        out.append((positions.tolist(), row[positions].tolist()))
+    rows, cols = np.nonzero(decided >= 0)          # row-major: each row's positions ascend
+    tokens = decided[rows, cols].tolist()
+    out: Decisions = [([], []) for _ in range(decided.shape[0])]
+    for r, c, t in zip(rows.tolist(), cols.tolist(), tokens):
+        out[r][0].append(c)
+        out[r][1].append(t)
     return out

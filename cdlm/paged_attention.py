@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +30,10 @@ class TorchGroup:
 
     query_index: torch.Tensor  # [rows, q_len] packed token of each query
     key_slots: torch.Tensor    # [rows, k_len] pool slot of each key position (padding: scratch)
-    bias: torch.Tensor         # [rows, 1, q_len, k_len] additive mask: 0 visible, -inf not
+    bias: torch.Tensor | None  # [rows, 1, q_len or 1, k_len] additive mask: 0 visible, -inf
+                               # hidden; None when every query sees every key
+    first_query: int | None    # set when the queries are the packed range [first, first+n):
+                               # then they are a view, not a gather
 
 
 @dataclass
@@ -73,7 +77,7 @@ class PagedKV:
 def paged_attention_torch(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                           groups: list[TorchGroup]) -> torch.Tensor:
     """The reference op. q [tokens, heads, hd]; pools [slots, kv_heads, hd]."""
-    out = torch.empty_like(q)
+    out = None
     flat_k = pool_k.view(pool_k.shape[0], -1)   # index_select on 2-D views: fast on CPU
     flat_v = pool_v.view(pool_v.shape[0], -1)
     kv_heads, head_dim = pool_k.shape[1:]
@@ -83,21 +87,36 @@ def paged_attention_torch(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.T
         slots = group.key_slots.reshape(-1)
         keys = flat_k.index_select(0, slots).view(rows, k_len, kv_heads, head_dim)
         values = flat_v.index_select(0, slots).view(rows, k_len, kv_heads, head_dim)
-        queries = q[group.query_index]                              # [rows, q_len, heads, hd]
+        first = group.first_query
+        if first is not None:
+            queries = q[first:first + rows * q_len].view(rows, q_len, *q.shape[1:])
+        else:
+            queries = q[group.query_index]                          # [rows, q_len, heads, hd]
         attended = F.scaled_dot_product_attention(
             queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=group.bias.to(q.dtype), enable_gqa=q.shape[1] != kv_heads)
-        out[group.query_index.reshape(-1)] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
+            attn_mask=None if group.bias is None else group.bias.to(q.dtype),
+            enable_gqa=q.shape[1] != kv_heads)
+        attended = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
+        if first is not None and len(groups) == 1 and rows * q_len == q.shape[0]:
+            return attended
+        if out is None:
+            out = torch.empty_like(q)
+        if first is not None:
+            out[first:first + rows * q_len] = attended
+        else:
+            out[group.query_index.reshape(-1)] = attended
+    assert out is not None
     return out
 
 
 # --- building the metadata of one pass -------------------------------------------------------
-def torch_groups(layout: StepLayout, page_table: torch.Tensor, page_size: int,
-                 scratch_slot: int, dtype: torch.dtype) -> list[TorchGroup]:
-    """Group the pass's requests by query count. `page_table` [state rows, max_pages] is the
-    device-resident table, indexed by each row's state slot. Padding keys point at a scratch
-    slot and are masked out; every query sees at least key 0, so no softmax row is empty."""
-    device = page_table.device
+def torch_groups(layout: StepLayout, page_tables: list[list[int]], page_size: int,
+                 scratch_slot: int, dtype: torch.dtype, device: torch.device | str
+                 ) -> list[TorchGroup]:
+    """Group the pass's requests by query count. `page_tables[row]` are the pages of the
+    layout's row `row`. Built on the host (numpy), a few transfers per pass, shared by every
+    layer. Padding keys point at a scratch slot and are masked out; every query sees at least
+    key 0, so no softmax row is empty."""
     spans: list[tuple[int, list[int]]] = [(0, []) for _ in layout.rows]   # (q_start, kv_ends)
     for seg in layout.segments:
         q_start, kv_ends = spans[seg.row]
@@ -107,22 +126,31 @@ def torch_groups(layout: StepLayout, page_table: torch.Tensor, page_size: int,
         by_len.setdefault(len(kv_ends), []).append(row)
     groups = []
     for q_len, rows in by_len.items():
-        k_len = max(max(spans[r][1]) for r in rows)
-        q_start = torch.tensor([spans[r][0] for r in rows], device=device)          # [g]
-        kv_end = torch.tensor([spans[r][1] for r in rows], device=device)           # [g, q_len]
-        tables = page_table[torch.tensor([layout.rows[r].state_slot for r in rows],
-                                         device=device)].long()                     # [g, pages]
-        key_pos = torch.arange(k_len, device=device)                                # [k_len]
-        in_row = key_pos[None, :] < kv_end.max(dim=1).values[:, None]               # [g, k_len]
-        page = tables.gather(1, (key_pos // page_size).clamp(max=tables.shape[1] - 1)
-                             .expand(len(rows), -1))
-        key_slots = torch.where(in_row, page * page_size + key_pos % page_size, scratch_slot)
-        visible = key_pos[None, None, :] < kv_end[:, :, None]                       # [g, q, k]
-        bias = torch.zeros(visible.shape, dtype=dtype, device=device)
-        bias.masked_fill_(~visible, float("-inf"))
-        query_index = q_start[:, None] + torch.arange(q_len, device=device)[None, :]
-        groups.append(TorchGroup(query_index=query_index, key_slots=key_slots,
-                                 bias=bias[:, None]))
+        kv_end = np.array([spans[r][1] for r in rows])                              # [g, q_len]
+        row_end = kv_end[:, -1]      # the current block comes last and sees the most keys
+        k_len = int(row_end.max())
+        width = max(len(page_tables[r]) for r in rows)
+        pages = np.array([page_tables[r] + [0] * (width - len(page_tables[r])) for r in rows],
+                         dtype=np.int64)                                            # [g, pages]
+        key_pos = np.arange(k_len)
+        key_slots = pages[:, key_pos // page_size] * page_size + key_pos % page_size
+        key_slots[key_pos[None, :] >= row_end[:, None]] = scratch_slot              # [g, k_len]
+        if (kv_end == row_end[:, None]).all():
+            # Every query of a row sees the same keys (a block alone): only key padding to hide.
+            key_ends = None if (row_end == k_len).all() else row_end[:, None, None]
+        else:
+            key_ends = kv_end[:, :, None]
+        bias = None if key_ends is None else np.where(
+            key_pos[None, None, :] >= key_ends, np.float32(-np.inf), np.float32(0.0))  # [g, q|1, k]
+        starts = [spans[r][0] for r in rows]
+        contiguous = all(start == starts[0] + i * q_len for i, start in enumerate(starts))
+        query_index = np.array(starts)[:, None] + np.arange(q_len)[None, :]
+        groups.append(TorchGroup(
+            query_index=torch.from_numpy(query_index).to(device),
+            key_slots=torch.from_numpy(key_slots).to(device),
+            bias=None if bias is None else torch.from_numpy(bias[:, None]).to(device=device,
+                                                                              dtype=dtype),
+            first_query=starts[0] if contiguous else None))
     return groups
 
 

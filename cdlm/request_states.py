@@ -34,12 +34,10 @@ class RequestStates:
         self.page_table[self.dummy_slot] = torch.tensor(scratch, dtype=torch.int32)
         self.block = torch.full((rows, block_size), mask_token_id, dtype=torch.long,
                                 device=device)                     # [rows, block]
-        self.temperature = torch.zeros(rows, device=device)
-        self.top_p = torch.ones(rows, device=device)
-        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
-        self.min_p = torch.zeros(rows, device=device)
-        self.threshold = torch.zeros(rows, device=device)         # log-odds
-        self.tokens_per_step = torch.zeros(rows, dtype=torch.long, device=device)
+        # Per row: (temperature, top_p, min_p, log-odds threshold) and (top_k, tokens_per_step);
+        # two tables, so a step gathers its rows' settings in two operations.
+        self.float_settings = torch.zeros((rows, 4), device=device)
+        self.int_settings = torch.zeros((rows, 2), dtype=torch.long, device=device)
         self.saved_hidden = torch.zeros((rows, hidden_size), dtype=hidden_dtype, device=device)
         self._free: deque[int] = deque(range(max_requests))
         self._slot_of: dict[str, int] = {}
@@ -63,10 +61,8 @@ class RequestStates:
         floats = torch.tensor([0.0 if params.greedy else params.temperature, params.top_p,
                                params.min_p, log_odds_threshold(threshold)])
         ints = torch.tensor([params.top_k, params.tokens_per_step or 0])
-        floats, ints = floats.to(self.device), ints.to(self.device)
-        self.temperature[slot], self.top_p[slot] = floats[0], floats[1]
-        self.min_p[slot], self.threshold[slot] = floats[2], floats[3]
-        self.top_k[slot], self.tokens_per_step[slot] = ints[0], ints[1]
+        self.float_settings[slot] = floats.to(self.device)
+        self.int_settings[slot] = ints.to(self.device)
         return slot
 
     def release(self, seq_id: str) -> None:

@@ -122,15 +122,21 @@ def log_odds(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     logits [rows, vocab] (any float dtype), tokens [rows] -> [rows]. Computed as
     `l_c - logsumexp_{j != c} l_j`, so a confident position keeps its distance from the next
     one instead of rounding to probability 1.0."""
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    if logits.shape[0] <= chunk:
+        return _log_odds(logits, tokens)
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for lo in range(0, logits.shape[0], chunk):
-        x = logits[lo:lo + chunk].float()
-        tok = tokens[lo:lo + chunk, None]
-        chosen = x.gather(-1, tok)[:, 0]
-        rest = torch.logsumexp(x.scatter(-1, tok, float("-inf")), dim=-1)
-        out[lo:lo + chunk] = chosen - rest
+        out[lo:lo + chunk] = _log_odds(logits[lo:lo + chunk], tokens[lo:lo + chunk])
     return out
+
+
+def _log_odds(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    x = logits.float()
+    tok = tokens[:, None]
+    chosen = x.gather(-1, tok)[:, 0]
+    rest = torch.logsumexp(x.scatter(-1, tok, float("-inf")), dim=-1)
+    return chosen - rest
 
 
 # --- sampling ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ padding rows point at that row, whose block limit is 0: nothing in it is ever de
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,21 @@ TOKEN_FIELDS = ("host_ids", "block_index", "positions", "write_slots")
 SEGMENT_FIELDS = ("seg_q_start", "seg_q_len", "seg_kv_end", "seg_state_slot")
 ROW_FIELDS = ("state_slot", "block_q_start", "first_index", "prev_q_index", "block_limit",
               "reset_block", "noise_key")
+
+
+@dataclass(frozen=True)
+class StepFlags:
+    """Host-known facts that let a step skip work: sampling (any row draws at temperature > 0,
+    any row filters), any block opening this step, any token coming from the host (prompt or
+    commit). A captured graph is built with the `general()` form (the last two always on)."""
+
+    any_random: bool = False
+    any_filter: bool = False
+    any_reset: bool = True
+    any_host_tokens: bool = True
+
+    def general(self) -> "StepFlags":
+        return StepFlags(self.any_random, self.any_filter)
 
 
 @dataclass(frozen=True)
@@ -77,36 +93,31 @@ def flatten(layout: StepLayout, noise_keys: list[int], shape: StepShape, block_s
     pad_tokens = shape.tokens - tokens
     if pad_tokens and pad_tokens != (shape.segments - segments) * block_size:
         raise ValueError("padding tokens must fill whole padding segments")
-    out = np.empty(shape.size, dtype=np.int64)
-    offset = 0
-
-    def put(values: list[int], count: int, fill: int | list[int]) -> None:
-        nonlocal offset
-        out[offset:offset + len(values)] = values
-        out[offset + len(values):offset + count] = fill
-        offset += count
-
-    scratch = [scratch_slot + i for i in range(block_size)] * (shape.segments - segments)
-    put(layout.host_ids, shape.tokens, pad_token_id)
-    put(layout.block_index, shape.tokens, -1)
-    put(layout.positions, shape.tokens, list(range(block_size)) * (shape.segments - segments)
-        if pad_tokens else 0)
-    put(layout.write_slots, shape.tokens, scratch if pad_tokens else scratch_slot)
-    pad_segments = shape.segments - segments
-    put([s.q_start for s in layout.segments], shape.segments,
-        [tokens + i * block_size for i in range(pad_segments)])
-    put([s.q_len for s in layout.segments], shape.segments, block_size)
-    put([s.kv_end for s in layout.segments], shape.segments, block_size)
-    put([layout.rows[s.row].state_slot for s in layout.segments], shape.segments, dummy_slot)
-    put([r.state_slot for r in layout.rows], shape.rows, dummy_slot)
-    put([r.block_q_start for r in layout.rows], shape.rows, 0)
-    put([r.prev_q_index if r.prev_q_index >= 0 else shape.tokens + r.state_slot
-         for r in layout.rows], shape.rows, shape.tokens + dummy_slot)
-    put([r.prev_q_index for r in layout.rows], shape.rows, -1)
-    put([r.block_limit for r in layout.rows], shape.rows, 0)
-    put([int(r.reset_block) for r in layout.rows], shape.rows, 0)
-    put(noise_keys, shape.rows, 0)
-    return out
+    pad_segments, pad_rows = shape.segments - segments, shape.rows - rows
+    padded = pad_segments * block_size if pad_tokens else 0
+    segs, rws = layout.segments, layout.rows
+    pad_q_start = [tokens + i * block_size for i in range(pad_segments)]
+    first_index = [r.prev_q_index if r.prev_q_index >= 0 else shape.tokens + r.state_slot
+                   for r in rws]
+    parts: list[list[int]] = [
+        layout.host_ids, [pad_token_id] * pad_tokens,
+        layout.block_index, [-1] * pad_tokens,
+        layout.positions, list(range(block_size)) * pad_segments if padded else [0] * pad_tokens,
+        layout.write_slots, ([scratch_slot + i for i in range(block_size)] * pad_segments
+                             if padded else [scratch_slot] * pad_tokens),
+        [g.q_start for g in segs], pad_q_start,
+        [g.q_len for g in segs], [block_size] * pad_segments,
+        [g.kv_end for g in segs], [block_size] * pad_segments,
+        [rws[g.row].state_slot for g in segs], [dummy_slot] * pad_segments,
+        [r.state_slot for r in rws], [dummy_slot] * pad_rows,
+        [r.block_q_start for r in rws], [0] * pad_rows,
+        first_index, [shape.tokens + dummy_slot] * pad_rows,
+        [r.prev_q_index for r in rws], [-1] * pad_rows,
+        [r.block_limit for r in rws], [0] * pad_rows,
+        [int(r.reset_block) for r in rws], [0] * pad_rows,
+        list(noise_keys), [0] * pad_rows,
+    ]
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=shape.size)
 
 
 def upload(host: np.ndarray, device: torch.device, staging: torch.Tensor | None = None,

@@ -51,7 +51,7 @@ def test_triton_kernel_equals_the_torch_op(dtype, block_size, page_size, heads, 
     seqs, layout, table, pool_k, pool_v, q, scratch = random_paged_case(
         5, block_size, page_size, heads, kv_heads, head_dim, dtype, count=8, device="cuda")
     want = paged_attention_torch(q.float(), pool_k.float(), pool_v.float(),
-                                 torch_groups(layout, table, page_size, scratch, torch.float32))
+                                 torch_groups(layout, [s.pages for s in seqs], page_size, scratch, torch.float32, "cuda"))
     got = paged_attention_triton(q, pool_k, pool_v, segment_table(layout, table), page_size)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

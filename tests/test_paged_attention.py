@@ -27,15 +27,16 @@ except ImportError:
 def test_torch_op_equals_the_definition(block_size, page_size, heads, kv_heads):
     seqs, layout, table, pool_k, pool_v, q, scratch = _case(
         block_size + page_size + heads, block_size, page_size, heads, kv_heads, 16, torch.float64)
-    groups = torch_groups(layout, table, page_size, scratch, torch.float64)
+    groups = torch_groups(layout, [s.pages for s in seqs], page_size, scratch, torch.float64,
+                          "cpu")
     got = paged_attention_torch(q, pool_k, pool_v, groups)
     torch.testing.assert_close(got, _definition(seqs, layout, pool_k, pool_v, q, page_size))
 
 
 def test_torch_op_in_bf16_is_within_bf16_error():
     seqs, layout, table, pool_k, pool_v, q, scratch = _case(3, 32, 16, 4, 2, 32, torch.bfloat16)
-    got = paged_attention_torch(q, pool_k, pool_v, torch_groups(layout, table, 16, scratch,
-                                                                torch.bfloat16))
+    groups = torch_groups(layout, [s.pages for s in seqs], 16, scratch, torch.bfloat16, "cpu")
+    got = paged_attention_torch(q, pool_k, pool_v, groups)
     want = _definition(seqs, layout, pool_k, pool_v, q, 16)
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
@@ -52,7 +53,7 @@ def test_triton_kernel_equals_the_torch_op(block_size, page_size, heads, kv_head
     seqs, layout, table, pool_k, pool_v, q, scratch = _case(
         7 + head_dim, block_size, page_size, heads, kv_heads, head_dim, dtype, count=5)
     want = paged_attention_torch(q.float(), pool_k.float(), pool_v.float(),
-                                 torch_groups(layout, table, page_size, scratch, torch.float32))
+                                 torch_groups(layout, [s.pages for s in seqs], page_size, scratch, torch.float32, "cpu"))
     got = paged_attention_triton(q, pool_k, pool_v, segment_table(layout, table), page_size)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
