@@ -267,9 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--compiled-batches", default="1",
                    help="also measure these batches with torch.compile'd layer ops ('' = none)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (CPU runs; 1 avoids thread oversubscription)")
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(args.threads)
     if args.tiny:
         if args.compiled_batches == p.get_default("compiled_batches"):
             args.compiled_batches = ""      # compiling on a CPU takes minutes
