@@ -27,6 +27,8 @@ def predict_tokens(
     temperature: list[float],
     top_p: list[float],
     generators: list[torch.Generator | None],
+    top_k: list[int] | None = None,             # per row; -1 or 0: no limit
+    min_p: list[float] | None = None,           # per row; 0: off
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted token and its confidence per position: ([batch, block] long, [batch, block] float)."""
     probs = torch.softmax(logits.float(), dim=-1)
@@ -36,9 +38,17 @@ def predict_tokens(
             continue
         # One generator per request: what a seeded request samples does not depend on the batch.
         row_probs = torch.softmax(logits[row].float() / temp, dim=-1)       # [block, vocab]
+        if top_k is not None and 0 < top_k[row] < row_probs.shape[-1]:
+            kth = row_probs.topk(top_k[row], dim=-1).values[:, -1:]         # [block, 1]
+            row_probs = row_probs.masked_fill(row_probs < kth, 0.0)
+            row_probs = row_probs / row_probs.sum(dim=-1, keepdim=True)
         if top_p[row] < 1.0:
             row_probs = top_p_filter(row_probs, torch.full((row_probs.shape[0],), top_p[row],
                                                            device=row_probs.device))
+        if min_p is not None and min_p[row] > 0.0:
+            floor = min_p[row] * row_probs.max(dim=-1, keepdim=True).values  # [block, 1]
+            row_probs = row_probs.masked_fill(row_probs < floor, 0.0)
+            row_probs = row_probs / row_probs.sum(dim=-1, keepdim=True)
         sampled = torch.multinomial(row_probs, 1, generator=generators[row])  # [block, 1]
         tokens[row] = sampled[:, 0]
         confidence[row] = row_probs.gather(-1, sampled)[:, 0]

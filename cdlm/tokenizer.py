@@ -8,18 +8,27 @@ we do not depend on its remote code). The chat template comes from `tokenizer_co
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import processors
+
+from cdlm.errors import InvalidRequestError
 
 # Tokens that end a chat turn in the supported families.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
 
 
-class ChatTemplateError(ValueError):
-    pass
+# Tokenizer classes whose transformers implementation adds BOS unless told otherwise.
+_BOS_BY_DEFAULT_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizerFast")
+
+
+class ChatTemplateError(InvalidRequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="messages")
 
 
 class Tokenizer:
@@ -31,6 +40,7 @@ class Tokenizer:
         self.eot_token_id = next((i for t in END_OF_TURN_TOKENS
                                   if (i := backend.token_to_id(t)) is not None), None)
         self._compiled_template = None
+        _apply_start_token_config(backend, config, self.bos_token, self.eos_token)
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod
@@ -72,9 +82,68 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self._special("eos_token")
 
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items()
+                         if t.special)
+
+    @functools.cached_property
+    def special_token_strings(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values()
+                     if t.special)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters in the longest vocabulary entry: no token covers more text (byte-level
+        vocabularies spell one character per byte, so this bounds decoded characters too)."""
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    @functools.cached_property
+    def _adds_bos(self) -> bool:
+        bos = self.bos_token_id
+        return bos is not None and self.backend.encode("", add_special_tokens=True).ids[:1] == [bos]
+
+    @functools.cached_property
+    def _plain_backend(self) -> _HFTokenizer:
+        """A copy that reads special-token strings as ordinary text."""
+        plain = _HFTokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
     # --- text -------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt's ids, with the start token the model was trained with, added
+        as a Hugging Face tokenizer adds it for `add_special_tokens=True` (the tokenizer.json
+        post-processor, or `add_bos_token` in tokenizer_config.json). One exception: a text
+        that already begins with the BOS token (a chat-templated prompt sent to
+        /v1/completions) does not get a second one."""
+        ids = self.encode(text, add_special_tokens=True)
+        bos = self.bos_token_id
+        if (self._adds_bos and ids[:2] == [bos, bos] and self.bos_token
+                and text.startswith(self.bos_token)):
+            ids = ids[1:]
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` with special-token strings read as text: never a control token (a
+        vocabulary that holds such a string as a plain word gives the unknown token)."""
+        ids = self._plain_backend.encode(text, add_special_tokens=False).ids
+        specials = self.special_token_ids
+        if not specials.intersection(ids):
+            return ids
+        unk = self._special("unk_token")
+        unk_id = None if unk is None else self.backend.token_to_id(unk)
+        if unk_id is None:
+            raise InvalidRequestError("the text contains a special-token string that this "
+                                      "tokenizer can only read as that special token")
+        return [unk_id if i in specials else i for i in ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -95,9 +164,82 @@ class Tokenizer:
         except Exception as exc:  # a template error is the request's fault, not the server's
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        # The template already carries the BOS and special tokens as text.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    special_tokens_in_content: bool = False) -> list[int]:
+        """The chat template applied, as ids. The template carries the BOS and the turn
+        markers as text; by default special-token strings inside message content stay text
+        (a user cannot close a turn or forge a header by typing `<|eot_id|>`). With
+        `special_tokens_in_content` they become the special tokens, as a plain
+        `encode(apply_chat_template(...))` does."""
+        text = self.apply_chat_template(messages)
+        specials = self.special_token_strings
+        if special_tokens_in_content or not any(
+                sp in str(m.get("content") or "") for m in messages for sp in specials):
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for piece, is_content in self._chat_segments(messages, text):
+            ids += self.encode_text(piece) if is_content else self.encode(
+                piece, add_special_tokens=False)
+        return ids
+
+    def _chat_segments(self, messages: list[dict[str, Any]], text: str
+                       ) -> list[tuple[str, bool]]:
+        """Split the rendered chat into template text and message content, found by rendering
+        once more with a placeholder for each content (the template's own text is what
+        surrounds the placeholders)."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        skeleton = self.apply_chat_template(
+            [{**m, "content": mark} for m, mark in zip(messages, marks)])
+        template_parts = _split_on(skeleton, marks)
+        if template_parts is None:
+            raise ChatTemplateError("the chat template does not place message content verbatim,"
+                                    " so special-token text in it cannot be kept as text")
+        contents = [str(m.get("content") or "") for m in messages]
+        for shape in (lambda c: c, str.strip):
+            pieces = [shape(c) for c in contents]
+            rebuilt = template_parts[0] + "".join(p + t for p, t in zip(pieces, template_parts[1:]))
+            if rebuilt == text:
+                out = [(template_parts[0], False)]
+                for piece, tail in zip(pieces, template_parts[1:]):
+                    out += [(piece, True), (tail, False)]
+                return [(p, c) for p, c in out if p]
+        raise ChatTemplateError("the chat template rewrites message content, so special-token "
+                                "text in it cannot be kept as text")
+
+
+def _split_on(text: str, marks: list[str]) -> list[str] | None:
+    """`text` cut at each mark in order (len(marks) + 1 parts), or None if one is missing."""
+    parts, rest = [], text
+    for mark in marks:
+        head, found, rest = rest.partition(mark)
+        if not found:
+            return None
+        parts.append(head)
+    return parts + [rest]
+
+
+def _apply_start_token_config(backend: _HFTokenizer, config: dict[str, Any], bos: str | None,
+                              eos: str | None) -> None:
+    """Honour `add_bos_token` / `add_eos_token` of tokenizer_config.json the way transformers'
+    fast tokenizers do: when given (or implied by a Llama tokenizer class), they replace the
+    tokenizer.json post-processor with one that adds those tokens."""
+    add_bos = config.get("add_bos_token")
+    add_eos = config.get("add_eos_token")
+    if add_bos is None and config.get("tokenizer_class") in _BOS_BY_DEFAULT_CLASSES:
+        add_bos = True
+    if add_bos is None and add_eos is None:
+        return
+    specials = []
+    single = "$A:0"
+    if add_bos and bos is not None and backend.token_to_id(bos) is not None:
+        single = f"{bos}:0 {single}"
+        specials.append((bos, backend.token_to_id(bos)))
+    if add_eos and eos is not None and backend.token_to_id(eos) is not None:
+        single = f"{single} {eos}:0"
+        specials.append((eos, backend.token_to_id(eos)))
+    pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                           special_tokens=specials)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

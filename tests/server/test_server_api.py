@@ -295,7 +295,7 @@ def test_streaming_stop_string_across_a_block_boundary(http, live):
 
 
 def test_stop_prefix_holdback_helper():
-    from server.app import _stop_prefix_len
+    from server.generation import stop_prefix_len as _stop_prefix_len
     assert _stop_prefix_len("hello wor", ["world"]) == 3
     assert _stop_prefix_len("hello", ["xyz"]) == 0
     assert _stop_prefix_len("abc", ["c", "bcd"]) == 2
@@ -315,4 +315,4 @@ def test_decoding_extensions_threshold_and_tokens_per_step(client):
 
 def test_models_report_the_context_length(live, client):
     card = client.models.list().data[0]
-    assert card.model_extra["max_model_len"] == live.state.config.max_model_len
+    assert card.model_extra["max_model_len"] == live.state.max_model_len
