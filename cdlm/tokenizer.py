@@ -116,7 +116,7 @@ class Tokenizer:
 
     # --- text -------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self.backend, text, add_special_tokens)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt's ids, with the start token the model was trained with, added
@@ -134,7 +134,7 @@ class Tokenizer:
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` with special-token strings read as text: never a control token (a
         vocabulary that holds such a string as a plain word gives the unknown token)."""
-        ids = self._plain_backend.encode(text, add_special_tokens=False).ids
+        ids = _encode(self._plain_backend, text, add_special_tokens=False)
         specials = self.special_token_ids
         if not specials.intersection(ids):
             return ids
@@ -205,6 +205,17 @@ class Tokenizer:
                 return [(p, c) for p, c in out if p]
         raise ChatTemplateError("the chat template rewrites message content, so special-token "
                                 "text in it cannot be kept as text")
+
+
+# Texts longer than this go through `encode_batch`, which releases the interpreter lock while
+# it works (plain `encode` holds it: a 2 MB prompt would stall every other thread for seconds).
+_LONG_TEXT_CHARS = 4096
+
+
+def _encode(backend: _HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) > _LONG_TEXT_CHARS:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def _split_on(text: str, marks: list[str]) -> list[str] | None:
