@@ -230,6 +230,7 @@ class AsyncEngine:
                 out_items: list[tuple[_Tracked, Any]] = []
                 if cmds:
                     self._handle_commands(cmds, out_items)
+                    self._publish_waiting()   # aborts shrink the queue too
                     self._refresh_gauges()
                 if eng.has_unfinished_requests():
                     t0 = time.perf_counter()
