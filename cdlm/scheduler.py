@@ -286,6 +286,8 @@ class Scheduler:
         if seq.is_finished:
             return
         if output_len is not None:
+            if seq.block_steps > 0:   # the block cut short is the request's last block
+                seq.num_blocks += 1
             seq.finished_tokens = seq.contiguous_output()[:output_len]
         self._finish(seq, reason)
 

@@ -56,6 +56,10 @@ def test_stop_string_truncates_text(llm):
     assert out.finish_reason == "stop"
     assert out.text == text[:text.index(stop)]
     assert stop in llm.tokenizer.decode(out.token_ids)
+    # The block the stop string cut short counts: a request always reports the blocks it
+    # decoded (it was 0 when the stop string ended the first block).
+    full_blocks = -(-len(out.token_ids) // 8)
+    assert out.outputs[0].num_blocks in (max(1, full_blocks), full_blocks + 1)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(llm):
