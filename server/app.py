@@ -48,10 +48,17 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "queue full; Retry-After and retry-after-ms say when to retry"),
         (500, "this request failed inside the engine"),
         (503, "draining after SIGTERM, or the engine stopped"))}
+# With `stream: true`: Server-Sent Events; each event's `data` is one chunk's JSON (a
+# CompletionResponse-shaped chunk, or a ChatCompletionChunk), the last one `[DONE]`.
 _SSE = {"text/event-stream": {"schema": {
-    "type": "string", "description": "with `stream: true`: `data: <chunk JSON>` events, one per "
-                                     "finished block, then `data: [DONE]`"}}}
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (P.CompletionRequest, P.ChatCompletionRequest)
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "chunk JSON, one per finished "
+                                                          "block, or [DONE]"},
+                   "event": {"type": "string"}},
+    "description": "one Server-Sent Event"}}}
+# In the schema besides what the routes reference: the request bodies and the streamed chunk.
+_SCHEMA_MODELS: tuple[type[BaseModel], ...] = (P.CompletionRequest, P.ChatCompletionRequest,
+                                               R.ChatCompletionChunk)
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -99,7 +106,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, llm.max_model_len, llm.model_config.vocab_size,  # type: ignore[method-assign]
+                                   engine.max_queue)
 
     def state(request: Request) -> ServerState:
         return request.app.state.cdlm
@@ -195,15 +203,44 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _openapi(app: FastAPI, max_model_len: int, vocab_size: int, max_queue: int
+             ) -> dict[str, Any]:
     """FastAPI's schema plus the request models (bodies are read by `read_json_body`, so
-    FastAPI does not see them as parameters)."""
+    FastAPI does not see them as parameters), with this model's limits filled in."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
-    _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS],
+    _, defs = models_json_schema([(m, "validation") for m in _SCHEMA_MODELS],
                                  ref_template="#/components/schemas/{model}")
-    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(defs.get("$defs", {}))
+    _fill_limits(schemas, max_model_len, vocab_size, max_queue)
     app.openapi_schema = schema
     return schema
+
+
+def _fill_limits(schemas: dict[str, Any], max_model_len: int, vocab_size: int,
+                 max_queue: int) -> None:
+    """What depends on the served model: context length, vocabulary, queue bound."""
+    stream_rule = {"if": {"properties": {"stream_options": {"type": "object"}},
+                          "required": ["stream_options"]},
+                   "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field]["maximum"] = max_model_len
+        schemas[name].update(stream_rule)
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    for form in prompt["anyOf"][1:]:
+        items = form["items"]
+        if items.get("type") == "integer":
+            items["maximum"] = vocab_size - 1
+            form["maxItems"] = max_model_len
+        elif items.get("type") == "array":
+            items["items"]["maximum"] = vocab_size - 1
+            items["maxItems"] = max_model_len
+            form["maxItems"] = max_queue
+        else:
+            form["maxItems"] = max_queue

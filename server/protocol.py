@@ -46,32 +46,47 @@ class StreamOptions(_Strict):
         default=None, description="vLLM extension: usage in every chunk")
 
 
+def doc(description: str | None = None, **schema: Any) -> Any:
+    """An optional field whose OpenAPI schema states what the checks below accept (the checks
+    themselves give the error messages)."""
+    return Field(default=None, description=description, json_schema_extra=schema or None)
+
+
+_NULL = {"type": "null"}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_STOP_SCHEMA = {"anyOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING,
+                                         "maxItems": MAX_STOP}, _NULL],
+                "description": f"up to {MAX_STOP} stop strings"}
+
+
 class SamplingFields(_Strict):
     """Fields shared by both endpoints."""
 
-    model: str | None = None
-    max_tokens: Int | None = Field(default=None, description="generation length")
-    temperature: float | None = Field(default=None, description="0 (or below 1e-5): greedy")
-    top_p: float | None = None
-    top_k: Int | None = Field(default=None, description="sample among the k most likely "
-                                                        "tokens; -1 or 0: no limit")
-    min_p: float | None = Field(default=None, description="drop tokens less likely than min_p "
-                                                          "times the most likely one")
-    n: Int | None = None
-    stop: str | list[str] | None = None
+    model: str | None = doc("the served model name (404 for another)")
+    max_tokens: Int | None = doc("generation length (prompt + max_tokens <= the context)",
+                                 minimum=1)
+    temperature: float | None = doc("0 (or below 1e-5): greedy", minimum=0, maximum=2)
+    top_p: float | None = doc(None, exclusiveMinimum=0, maximum=1)
+    top_k: Int | None = doc("sample among the k most likely tokens; -1 or 0: no limit",
+                            minimum=-1)
+    min_p: float | None = doc("drop tokens less likely than min_p times the most likely one",
+                              minimum=0, maximum=1)
+    n: Int | None = doc("choices per prompt (prompts x n <= --max-queue)", minimum=1,
+                        maximum=MAX_N)
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    seed: Int | None = None
-    user: str | None = None
+    stream_options: StreamOptions | None = doc("only with stream: true")
+    seed: Int | None = doc(None, minimum=0, maximum=MAX_SEED)
+    user: str | None = doc("accepted, not used")
     # Extensions
-    threshold: float | None = Field(default=None, description="confidence threshold in (0, 1]")
-    tokens_per_step: Int | None = Field(default=None, description="finalise exactly k tokens "
-                                                                  "per step (1 = naive)")
+    threshold: float | None = doc("confidence threshold", exclusiveMinimum=0, maximum=1)
+    tokens_per_step: Int | None = doc("finalise exactly k tokens per step (1 = naive)",
+                                      minimum=1, maximum=MAX_TOKENS_PER_STEP)
     ignore_eos: bool | None = None
     # Accepted only at their no-op values
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = doc("not supported: only {} or null", maxProperties=0)
+    presence_penalty: float | None = doc("not supported: only 0", minimum=0, maximum=0)
+    frequency_penalty: float | None = doc("not supported: only 0", minimum=0, maximum=0)
 
     def check_common(self, max_model_len: int) -> None:
         self._check_values(max_model_len)
@@ -150,18 +165,24 @@ def _in_range(name: str, value: float | None, low: float, high: float) -> None:
         raise invalid_request(f"{name} must be in [{low:g}, {high:g}], got {value}.", param=name)
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+              _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}],
+    "description": "a string, a list of strings, token ids, or token-id lists"}
+
+
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"required": ["prompt"]})
+
     # Validated by `normalize_prompt` (lengths before elements); the schema documents the forms.
-    prompt: Annotated[Any, WithJsonSchema({
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                  {"type": "array", "items": {"type": "integer"}},
-                  {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}],
-        "description": "a string, a list of strings, token ids, or token-id lists"})] = None
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = None
     # Accepted only at their no-op values
-    suffix: str | None = None
-    logprobs: Int | None = None
-    best_of: Int | None = None
-    echo: bool | None = None
+    suffix: str | None = doc("not supported: only empty or null", maxLength=0)
+    logprobs: Annotated[Int | None, WithJsonSchema(_NULL)] = None
+    best_of: Int | None = doc("only 1", minimum=1, maximum=1)
+    echo: bool | None = doc("only false", enum=[False, None])
 
     def check(self, max_model_len: int, vocab_size: int,
               max_prompts: int) -> list[str | list[int]]:
@@ -230,16 +251,31 @@ def _is_int(x: Any) -> bool:
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="allow", strict=True,
+                              json_schema_extra={"required": ["type", "text"]})
+    type: Annotated[str, WithJsonSchema({"const": "text", "description": "only text"})]
+    text: str | None = doc(None, type="string")
+
+
+# content may be null only in an assistant message (a client echoing a tool-call turn).
+_CONTENT_RULE = {"anyOf": [
+    {"properties": {"content": {"not": {"type": "null"}}}, "required": ["content"]},
+    {"properties": {"role": {"const": "assistant"}}}]}
+
+
+def _message_schema(schema: dict[str, Any]) -> None:
+    schema.update(_CONTENT_RULE)
+    schema["properties"]["tool_calls"] = {"anyOf": [{"type": "array", "maxItems": 0},
+                                                    {"type": "null"}]}
 
 
 class ChatMessage(BaseModel):
     # Clients echo back assistant messages with extra keys (refusal, annotations...): accept
     # them, but reject the ones that would need features this server lacks.
-    model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_message_schema)
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool"], WithJsonSchema(
+        {"enum": ["system", "developer", "user", "assistant"],
+         "description": "tool messages need tool calling, which is not implemented"})]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -248,8 +284,8 @@ class ChatMessage(BaseModel):
         if self.role == "tool":
             out.append((f"messages[{index}].role", "tool messages need tool calling, which is "
                                                    "not implemented"))
-        if (self.model_extra or {}).get("tool_calls"):
-            out.append((f"messages[{index}].tool_calls", ""))
+        if (self.model_extra or {}).get("tool_calls", None) not in (None, []):
+            out.append((f"messages[{index}].tool_calls", "tool calling is not implemented"))
         if isinstance(self.content, list):
             for j, part in enumerate(self.content):
                 if part.type != "text" or part.text is None:
@@ -269,31 +305,34 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] | None = None
-    max_completion_tokens: Int | None = None
+    model_config = ConfigDict(json_schema_extra={"required": ["messages"]})
+
+    messages: list[ChatMessage] = doc(None, minItems=1)
+    max_completion_tokens: Int | None = doc("the newer spelling of max_tokens (wins when both are sent)",
+                                            minimum=1)
     # Accepted only at their no-op values
-    logprobs: bool | None = None
-    top_logprobs: Int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    logprobs: bool | None = doc("only false", enum=[False, None])
+    top_logprobs: Int | None = doc("only 0", minimum=0, maximum=0)
+    tools: list[Any] | None = doc("not supported: only [] or null", maxItems=0)
+    tool_choice: Annotated[Any, WithJsonSchema({"enum": ["none", None]})] = None
+    functions: list[Any] | None = doc("not supported: only [] or null", maxItems=0)
+    function_call: Annotated[Any, WithJsonSchema({"enum": ["none", None]})] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
-    store: bool | None = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+        _NULL]})] = None
+    modalities: Annotated[list[str] | None, WithJsonSchema(
+        {"anyOf": [{"const": ["text"]}, _NULL]})] = None
+    audio: Annotated[Any, WithJsonSchema(_NULL)] = None
+    prediction: Annotated[Any, WithJsonSchema(_NULL)] = None
+    reasoning_effort: Annotated[Any, WithJsonSchema(_NULL)] = None
+    web_search_options: Annotated[Any, WithJsonSchema(_NULL)] = None
+    store: bool | None = doc("only false", enum=[False, None])
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
     def check(self, max_model_len: int) -> list[dict[str, str]]:
-        if self.max_completion_tokens is not None:
-            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
-                raise invalid_request("max_tokens and max_completion_tokens disagree; send one.",
-                                      param="max_completion_tokens")
+        if self.max_completion_tokens is not None:   # the newer spelling wins (as in vLLM)
             self.max_tokens = self.max_completion_tokens
         self._check_values(max_model_len)
         unsupported = self._unsupported() + self._unsupported_chat()
