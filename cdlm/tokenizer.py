@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import processors
 
 from cdlm.errors import InvalidRequestError
 
 # Tokens that end a chat turn in the supported families.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
-
-
-# Tokenizer classes whose transformers implementation adds BOS unless told otherwise.
-_BOS_BY_DEFAULT_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizerFast")
 
 
 class ChatTemplateError(InvalidRequestError):
@@ -40,7 +35,6 @@ class Tokenizer:
         self.eot_token_id = next((i for t in END_OF_TURN_TOKENS
                                   if (i := backend.token_to_id(t)) is not None), None)
         self._compiled_template = None
-        _apply_start_token_config(backend, config, self.bos_token, self.eos_token)
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod
@@ -120,10 +114,10 @@ class Tokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt's ids, with the start token the model was trained with, added
-        as a Hugging Face tokenizer adds it for `add_special_tokens=True` (the tokenizer.json
-        post-processor, or `add_bos_token` in tokenizer_config.json). One exception: a text
-        that already begins with the BOS token (a chat-templated prompt sent to
-        /v1/completions) does not get a second one."""
+        as a Hugging Face fast tokenizer adds it for `add_special_tokens=True` (the
+        tokenizer.json post-processor: LLaDA's puts `<|startoftext|>` first, Qwen2/Dream's adds
+        nothing). One exception: a text that already begins with the BOS token (a
+        chat-templated prompt sent to /v1/completions) does not get a second one."""
         ids = self.encode(text, add_special_tokens=True)
         bos = self.bos_token_id
         if (self._adds_bos and ids[:2] == [bos, bos] and self.bos_token
@@ -227,30 +221,6 @@ def _split_on(text: str, marks: list[str]) -> list[str] | None:
             return None
         parts.append(head)
     return parts + [rest]
-
-
-def _apply_start_token_config(backend: _HFTokenizer, config: dict[str, Any], bos: str | None,
-                              eos: str | None) -> None:
-    """Honour `add_bos_token` / `add_eos_token` of tokenizer_config.json the way transformers'
-    fast tokenizers do: when given (or implied by a Llama tokenizer class), they replace the
-    tokenizer.json post-processor with one that adds those tokens."""
-    add_bos = config.get("add_bos_token")
-    add_eos = config.get("add_eos_token")
-    if add_bos is None and config.get("tokenizer_class") in _BOS_BY_DEFAULT_CLASSES:
-        add_bos = True
-    if add_bos is None and add_eos is None:
-        return
-    specials = []
-    single = "$A:0"
-    if add_bos and bos is not None and backend.token_to_id(bos) is not None:
-        single = f"{bos}:0 {single}"
-        specials.append((bos, backend.token_to_id(bos)))
-    if add_eos and eos is not None and backend.token_to_id(eos) is not None:
-        single = f"{single} {eos}:0"
-        specials.append((eos, backend.token_to_id(eos)))
-    pair = single + " " + single.replace("$A:0", "$B:1").replace(":0", ":1")
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                           special_tokens=specials)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

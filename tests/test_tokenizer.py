@@ -61,3 +61,39 @@ def test_template_errors_are_user_errors(tmp_path):
     write_byte_tokenizer(tmp_path / "none", chat_template="")
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer.from_pretrained(tmp_path / "none").apply_chat_template([])
+
+
+def _transformers_ids(path, text: str) -> list[int]:
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(str(path))(text)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_completion_prompts_get_the_start_token_as_transformers_adds_it(family, tiny_llada,
+                                                                        tiny_dream):
+    """LLaDA's tokenizer adds BOS `<|startoftext|>`; Dream's (Qwen2) adds none. Completion
+    prompts get exactly what a Hugging Face tokenizer adds with add_special_tokens."""
+    path = (tiny_llada if family == "llada" else tiny_dream)[0]
+    ours = Tokenizer.from_pretrained(path)
+    for text in ("hello world", "12 + 30 = 42", "ünïcödé"):
+        assert ours.encode_prompt(text) == _transformers_ids(path, text)
+    bos = ours.token_to_id("<|startoftext|>")
+    ids = ours.encode_prompt("hello")
+    if family == "llada":
+        assert ids[0] == bos and ids[1:] == ours.encode("hello", add_special_tokens=False)
+        # a text that already starts with BOS (a chat-templated prompt) gets no second one
+        assert ours.encode_prompt("<|startoftext|>hello") == ids
+    else:
+        assert bos not in ids and ids == ours.encode("hello", add_special_tokens=False)
+
+
+def test_the_bundled_model_gets_no_extra_start_token():
+    """The bundled teacher was trained on chat-templated prompts whose BOS comes from the
+    template text; its tokenizer declares no start token, so completions add none, and a
+    chat-templated text sent to completions encodes exactly as chat does."""
+    from cdlm.default_model import ASSETS
+    tok = Tokenizer.from_pretrained(ASSETS / "teacher")
+    assert tok.encode_prompt("Ann has 3 apples .") == tok.encode("Ann has 3 apples .",
+                                                                 add_special_tokens=False)
+    msgs = [{"role": "user", "content": "Ann has 3 apples ."}]
+    assert tok.encode_prompt(tok.apply_chat_template(msgs)) == tok.encode_chat(msgs)
