@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -236,6 +237,17 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """Leave at once once the server has stopped: run the atexit handlers and flush the logs,
+    then skip the interpreter's teardown of torch and the model (about 0.6 s spent freeing
+    memory the OS reclaims anyway), so an idle server is gone well within a second of SIGTERM."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cdlm serve",
                                      description="OpenAI-compatible CDLM server")
@@ -244,4 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,3 +26,23 @@ def test_completion_prompt_tokens_include_the_layouts_start_token(family, tiny_l
         assert prompt_tokens([104, 105]) == 2        # token ids are sent as they are
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_special_token_text_in_chat_content(tiny_llada, trust):
+    """Default: `<|eot_id|>` typed in a message is text (10 byte tokens); with
+    --chat-special-tokens true it is the end-of-turn token (1 token)."""
+    srv = make_server(model=str(tiny_llada[0]), served_model_name="tiny",
+                      chat_special_tokens=trust)
+    try:
+        def prompt_tokens(content: str) -> int:
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "max_tokens": 2,
+                "messages": [{"role": "user", "content": content}]})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        extra = prompt_tokens("a<|eot_id|>b") - prompt_tokens("ab")
+        assert extra == (1 if trust else len(b"<|eot_id|>"))
+    finally:
+        srv.stop()
