@@ -7,7 +7,7 @@ here (`logprobs`) are kept, as OpenAI's reference shows them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -180,7 +180,3 @@ def models_response(names: list[str], created: int, root: str | None = None,
                     max_model_len: int | None = None) -> dict:
     return ModelList(data=[ModelCard(id=n, created=created, root=root or n,
                                      max_model_len=max_model_len) for n in names]).model_dump()
-
-
-def error_schema() -> dict[str, Any]:
-    return {"model": ErrorResponse}
