@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "serve":
-        from server.cli import run_serve
-        return run_serve(args)
+        from server.cli import exit_process, run_serve
+        exit_process(run_serve(args))   # no interpreter teardown: exits promptly on SIGTERM
     return 2
 
 

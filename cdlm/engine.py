@@ -14,16 +14,17 @@ import torch
 
 from cdlm.block_manager import BlockManager
 from cdlm.config import DECODING_MODES, DEFAULT_THRESHOLD, EngineConfig
+from cdlm.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from cdlm.kv_cache import KVCachePool
 from cdlm.model_runner import ModelRunner
 from cdlm.models.loader import load_model, resolve_device, resolve_model_path
 from cdlm.models.transformer import DiffusionLM
 from cdlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cdlm.sampling_params import SamplingParams
-from cdlm.scheduler import QueueFullError, Scheduler, Sequence
+from cdlm.scheduler import Scheduler, Sequence
 from cdlm.tokenizer import Tokenizer
 
-__all__ = ["LLMEngine", "QueueFullError", "EngineStats", "StepStats"]
+__all__ = ["LLMEngine", "NewRequest", "QueueFullError", "EngineStats", "StepStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     num_steps: int = 0
     last_step: StepStats = field(default_factory=StepStats)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """One request for `LLMEngine.add_requests`."""
+
+    request_id: str
+    prompt: str | list[int]          # text (tokenized with the start token) or token ids
+    params: SamplingParams
+    mode: str | None = None          # None: the engine's default mode
+    arrival_time: float | None = None
 
 
 def checkpoint_threshold(model_dir: str | os.PathLike, lora: str | os.PathLike | None
@@ -141,40 +153,56 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt: text gets the tokenizer's start token (as Hugging Face's
+        `add_special_tokens=True` adds it); token ids are checked against the vocabulary."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            return self.tokenizer.encode_prompt(prompt)
         ids = list(prompt)
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})",
+                                      param="prompt")
         return ids
+
+    def check_context(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise ContextLengthError unless prompt + max_tokens fit the context."""
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ContextLengthError.for_request(self.max_model_len, prompt_len, max_tokens)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     mode: str | None = None, arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError for bad input, QueueFullError when full."""
-        mode = mode or self.config.default_mode
+        """Queue a request. Raises InvalidRequestError / ContextLengthError (both ValueError)
+        for bad input, QueueFullError when the waiting queue is full."""
+        self.add_requests([NewRequest(request_id, prompt, params, mode, arrival_time)])
+
+    def add_requests(self, requests: list[NewRequest]) -> None:
+        """Queue several requests as one group: every one is validated and the waiting queue
+        must hold them all, else none is queued (same errors as `add_request`). A group that
+        fits is admitted in the same step."""
+        seqs = [self._sequence(r) for r in requests]
+        self.scheduler.add_many(seqs)
+        for req in requests:
+            self._prompts[req.request_id] = req.prompt if isinstance(req.prompt, str) else None
+        self._refresh_gauges()
+
+    def _sequence(self, req: NewRequest) -> Sequence:
+        mode = req.mode or self.config.default_mode
         if mode not in DECODING_MODES:
-            raise ValueError(f"unknown decoding mode {mode!r}; choose one of {DECODING_MODES}")
-        prompt_ids = self.encode_prompt(prompt)
+            raise InvalidRequestError(
+                f"unknown decoding mode {mode!r}; choose one of {DECODING_MODES}", param="mode")
+        prompt_ids = self.encode_prompt(req.prompt)
         if not prompt_ids:
-            raise ValueError("prompt must not be empty")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                f"request asks for {total} ({len(prompt_ids)} in the prompt + {params.max_tokens} "
-                f"max_tokens); reduce the prompt or max_tokens")
-        seq = Sequence(
-            seq_id=request_id, prompt_token_ids=prompt_ids, params=params, mode=mode,
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        params = req.params
+        self.check_context(len(prompt_ids), params.max_tokens)
+        return Sequence(
+            seq_id=req.request_id, prompt_token_ids=prompt_ids, params=params, mode=mode,
             block_size=self.block_size, mask_token_id=self.model_config.mask_token_id,
             stop_token_ids=self.stop_token_ids | frozenset(params.stop_token_ids),
             threshold=params.threshold if params.threshold is not None else self.config.threshold,
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic())
-        self.scheduler.add(seq)
-        self._prompts[request_id] = prompt if isinstance(prompt, str) else None
-        self._refresh_gauges()
+            arrival_time=req.arrival_time if req.arrival_time is not None else time.monotonic())
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV pages return to the pool before the next step."""

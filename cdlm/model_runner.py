@@ -30,7 +30,7 @@ from cdlm.config import ModelConfig
 from cdlm.kv_cache import KVCachePool
 from cdlm.models.transformer import DiffusionLM
 from cdlm.paged_attention import PagedKV, SegmentTable, torch_groups
-from cdlm.request_states import RequestStates
+from cdlm.request_states import RequestStates, integer_settings
 from cdlm.sampler import SamplingTensors, log_odds_threshold, noise_key, predict_tokens, \
     select_positions
 from cdlm.scheduler import Sequence
@@ -267,8 +267,8 @@ class ModelRunner:
         floats = torch.tensor([[0.0 if s.params.greedy else s.params.temperature,
                                 s.params.top_p, s.params.min_p,
                                 log_odds_threshold(s.threshold)] for s in seqs], device=device)
-        ints = torch.tensor([[s.params.top_k, s.params.tokens_per_step or 0,
-                              self._noise_key(s)] for s in seqs], device=device)
+        ints = torch.tensor([integer_settings(s.params, self.block_size) + [self._noise_key(s)]
+                             for s in seqs], device=device)
         sampling = SamplingTensors(
             temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], min_p=floats[:, 2],
             noise_key=ints[:, 2], any_random=any(not s.params.greedy for s in seqs),

@@ -20,6 +20,14 @@ from cdlm.sampler import log_odds_threshold
 from cdlm.sampling_params import SamplingParams
 
 
+def integer_settings(params: SamplingParams, block_size: int) -> list[int]:
+    """(top_k, tokens_per_step) as the sampler reads them: 0 = off, and bounded so that any
+    value a client may send fits the device's integers (past the vocabulary or the block
+    they mean the same as the bound)."""
+    top_k = max(params.top_k, 0)
+    return [min(top_k, 1 << 31), min(params.tokens_per_step or 0, block_size)]
+
+
 class RequestStates:
     def __init__(self, max_requests: int, block_size: int, max_pages: int, hidden_size: int,
                  mask_token_id: int, scratch_pages: list[int], hidden_dtype: torch.dtype,
@@ -60,7 +68,7 @@ class RequestStates:
         self.page_table[slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
         floats = torch.tensor([0.0 if params.greedy else params.temperature, params.top_p,
                                params.min_p, log_odds_threshold(threshold)])
-        ints = torch.tensor([params.top_k, params.tokens_per_step or 0])
+        ints = torch.tensor(integer_settings(params, self.block_size))
         self.float_settings[slot] = floats.to(self.device)
         self.int_settings[slot] = ints.to(self.device)
         return slot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Temperatures below this are greedy: the tempered distribution is already a point mass in
@@ -18,6 +19,9 @@ class SamplingParams:
     most confident position is finalised each step.
     `tokens_per_step`: instead of the threshold, finalise exactly this many positions per step
     (the most confident). 1 gives the naive one-token-per-step policy.
+    `temperature` below 1e-5 is greedy (stored as 0). `top_k` (-1 or 0: off) keeps the k most
+    likely tokens, `min_p` (0: off) drops tokens less likely than `min_p` times the most likely
+    one; both only matter when sampling.
     """
 
     max_tokens: int = 16
@@ -42,8 +46,10 @@ class SamplingParams:
             raise ValueError("max_tokens must be an integer")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:

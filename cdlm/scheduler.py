@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from cdlm.block_manager import BlockManager
 from cdlm.config import DECODING_MODES
+from cdlm.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from cdlm.sampling_params import SamplingParams
 
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+__all__ = ["QueueFullError", "Scheduler", "SchedulerOutput", "Sequence", "SequenceStatus",
+           "StepUpdate"]
 
 
 class SequenceStatus(enum.Enum):
@@ -192,17 +192,31 @@ class Scheduler:
 
     # --- queue --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if seq.seq_id in self._by_id:
-            raise ValueError(f"duplicate request id {seq.seq_id!r}")
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-        pages = self.block_manager.pages_for(seq.cache_tokens_needed())
-        if pages > self.block_manager.num_pages:
-            raise ValueError(
-                f"request needs {seq.cache_tokens_needed()} KV cache tokens, more than the whole "
-                f"cache ({self.block_manager.num_pages * self.block_manager.page_size})")
-        self.waiting.append(seq)
-        self._by_id[seq.seq_id] = seq
+        self.add_many([seq])
+
+    def add_many(self, seqs: list[Sequence]) -> None:
+        """Queue the sequences together, or none of them: the queue must hold them all (the n
+        choices and prompts of one HTTP request are admitted as a group)."""
+        ids = [s.seq_id for s in seqs]
+        duplicate = next((i for i in ids if i in self._by_id), None)
+        if duplicate is None and len(set(ids)) < len(ids):
+            duplicate = next(i for i in ids if ids.count(i) > 1)
+        if duplicate is not None:
+            raise InvalidRequestError(f"duplicate request id {duplicate!r}")
+        if len(self.waiting) + len(seqs) > self.max_queue:
+            raise QueueFullError(
+                f"the waiting queue is full ({len(self.waiting)} of {self.max_queue} requests "
+                f"waiting, {len(seqs)} more asked)", waiting=len(self.waiting),
+                limit=self.max_queue)
+        capacity = self.block_manager.num_pages * self.block_manager.page_size
+        for seq in seqs:
+            if self.block_manager.pages_for(seq.cache_tokens_needed()) > self.block_manager.num_pages:
+                raise ContextLengthError(
+                    f"request needs {seq.cache_tokens_needed()} KV cache tokens, more than the "
+                    f"whole cache ({capacity}); reduce the prompt or max_tokens")
+        for seq in seqs:
+            self.waiting.append(seq)
+            self._by_id[seq.seq_id] = seq
 
     def get(self, seq_id: str) -> Sequence | None:
         return self._by_id.get(seq_id)
@@ -272,6 +286,8 @@ class Scheduler:
         if seq.is_finished:
             return
         if output_len is not None:
+            if seq.block_steps > 0:   # the block cut short is the request's last block
+                seq.num_blocks += 1
             seq.finished_tokens = seq.contiguous_output()[:output_len]
         self._finish(seq, reason)
 

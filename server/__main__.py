@@ -1,5 +1,3 @@
-import sys
+from server.cli import exit_process, main
 
-from server.cli import main
-
-sys.exit(main())
+exit_process(main())

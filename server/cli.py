@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from cdlm.engine import LLMEngine
 
 logger = logging.getLogger("cdlm.server")
 
@@ -41,6 +47,19 @@ def _float_or_none(v: str) -> float | None:
 
 def _dtype(v: str) -> str | None:
     return None if v.lower() in ("", "auto", "none") else v
+
+
+def _origins(v: str) -> list[str]:
+    return [o.strip() for o in v.split(",") if o.strip()]
+
+
+def _flag(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
 
 
 OPTIONS: tuple[_Opt, ...] = (
@@ -71,6 +90,16 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt("--num-threads", "CDLM_NUM_THREADS", _int_or_auto, None,
          "torch CPU threads (default: torch's choice; set it to the CPU limit in containers "
          "to avoid oversubscription)"),
+    _Opt("--max-request-bytes", "CDLM_MAX_REQUEST_BYTES", int, 16 << 20,
+         "request bodies larger than this are refused (413) before parsing"),
+    _Opt("--allowed-origins", "CDLM_ALLOWED_ORIGINS", _origins, [],
+         "comma-separated origins allowed by CORS (`*` for any); default: no CORS headers, "
+         "so browsers block cross-origin reads"),
+    _Opt("--chat-special-tokens", "CDLM_CHAT_SPECIAL_TOKENS", _flag, False,
+         "true: special-token text inside chat message content becomes those special tokens "
+         "(default false: it stays text)"),
+    _Opt("--timeout-keep-alive", "CDLM_TIMEOUT_KEEP_ALIVE", float, 5.0,
+         "seconds an idle keep-alive connection stays open"),
     _Opt("--log-level", "CDLM_LOG_LEVEL", str, "info", "debug | info | warning | error"),
 )
 
@@ -103,23 +132,7 @@ def resolve_settings(args: argparse.Namespace,
     return out
 
 
-def _engine_limits(engine: Any) -> tuple[int | None, int | None]:
-    """(max_model_len, vocab_size) of a loaded engine, read defensively."""
-    max_len = None
-    for holder in (engine, getattr(engine, "config", None), getattr(engine, "engine_config", None)):
-        if holder is not None and getattr(holder, "max_model_len", None):
-            max_len = int(holder.max_model_len)
-            break
-    mcfg = getattr(engine, "model_config", None)
-    if mcfg is None:
-        mcfg = getattr(getattr(engine, "model", None), "config", None)
-    if max_len is None and mcfg is not None:
-        max_len = getattr(mcfg, "max_position_embeddings", None)
-    vocab = getattr(mcfg, "vocab_size", None) if mcfg is not None else None
-    return max_len, vocab
-
-
-def build_engine(settings: dict[str, Any]) -> Any:
+def build_engine(settings: dict[str, Any]) -> "LLMEngine":
     from cdlm.config import EngineConfig
     from cdlm.engine import LLMEngine
 
@@ -135,24 +148,40 @@ def build_engine(settings: dict[str, Any]) -> Any:
                                      engine_config=ecfg)
 
 
-def build_app(engine: Any, settings: dict[str, Any]):
-    from .app import ServerConfig, create_app
+def build_app(engine: "LLMEngine", settings: dict[str, Any]) -> "FastAPI":
+    from .app import create_app
     from .async_engine import AsyncEngine
     from .metrics import ServerMetrics
+    from .state import ServerConfig
 
     name = settings["served_model_name"]
     if name is None:
         name = settings["model"] or "cdlm-default"
-    max_len, vocab = _engine_limits(engine)
     config = ServerConfig(served_model_names=[name], api_key=settings["api_key"],
-                          drain_timeout=settings["drain_timeout"], max_model_len=max_len,
-                          vocab_size=vocab, max_num_seqs=settings["max_num_seqs"],
-                          model_root=settings["model"] or "cdlm-default")
-    async_engine = AsyncEngine(engine, ServerMetrics(name))
-    return create_app(async_engine, config)
+                          drain_timeout=settings["drain_timeout"],
+                          max_num_seqs=settings["max_num_seqs"],
+                          model_root=settings["model"] or "cdlm-default",
+                          max_request_bytes=settings["max_request_bytes"],
+                          allowed_origins=settings["allowed_origins"],
+                          chat_special_tokens_in_content=settings["chat_special_tokens"])
+    return create_app(AsyncEngine(engine, ServerMetrics(name)), config)
 
 
-def _make_server(app: Any, host: str, port: int, log_level: str, drain_timeout: float):
+def uvicorn_config(app: "FastAPI", *, host: str = "127.0.0.1", port: int = 8000,
+                   log_level: str = "info", timeout_keep_alive: float = 5.0,
+                   timeout_graceful_shutdown: float = 5.0) -> Any:
+    """The uvicorn settings `cdlm serve` runs with (tests use the same)."""
+    import uvicorn
+
+    from .connections import BoundedH11Protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                          http=BoundedH11Protocol, timeout_keep_alive=timeout_keep_alive,
+                          timeout_graceful_shutdown=timeout_graceful_shutdown)
+
+
+def _make_server(app: "FastAPI", host: str, port: int, log_level: str, drain_timeout: float,
+                 timeout_keep_alive: float):
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -183,8 +212,8 @@ def _make_server(app: Any, host: str, port: int, log_level: str, drain_timeout: 
                 self.drained_ok = await state.drain(drain_timeout)
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=timeout_keep_alive)
     return DrainingServer(config)
 
 
@@ -201,11 +230,22 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     app = build_app(engine, settings)
     server = _make_server(app, settings["host"], settings["port"], settings["log_level"],
-                          settings["drain_timeout"])
+                          settings["drain_timeout"], settings["timeout_keep_alive"])
     server.run()
     if not server.started:
         return 1
     return 0
+
+
+def exit_process(code: int) -> None:
+    """Leave at once once the server has stopped: run the atexit handlers and flush the logs,
+    then skip the interpreter's teardown of torch and the model (about 0.6 s spent freeing
+    memory the OS reclaims anyway), so an idle server is gone well within a second of SIGTERM."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,4 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

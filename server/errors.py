@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,11 +32,12 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = safe_text(message)
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.type = type
-        self.param = param
+        self.param = None if param is None else safe_text(param)
         self.code = code
         self.headers = headers or {}
 
@@ -47,7 +49,27 @@ class APIError(Exception):
 
     def sse(self) -> str:
         """The error as one Server-Sent-Events frame (for failures after streaming began)."""
-        return f"data: {json.dumps(self.body())}\n\n"
+        return f"data: {safe_json(self.body())}\n\n"
+
+
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (lone UTF-16 surrogates, which JSON escapes can
+    smuggle into a request) replaced by U+FFFD, so an error that quotes the input encodes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def safe_json(obj: Any) -> str:
+    """JSON text that always encodes to UTF-8 (non-ASCII kept when it can be)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True)
+    return text
 
 
 def error_body(message: str, type: str, param: str | None = None,
@@ -68,6 +90,16 @@ def unsupported(param: str, detail: str = "") -> APIError:
                     code="unsupported_parameter")
 
 
+def unsupported_many(fields: list[tuple[str, str]]) -> APIError:
+    """One 400 naming every unsupported field present (`param` is the first one)."""
+    if len(fields) == 1:
+        return unsupported(*fields[0])
+    listed = "; ".join(f"'{name}'" + (f" ({why})" if why else "") for name, why in fields)
+    return APIError(f"These parameters are not supported by this server: {listed}.",
+                    status_code=400, type="invalid_request_error", param=fields[0][0],
+                    code="unsupported_parameter")
+
+
 def unauthorized() -> APIError:
     return APIError("Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
                     status_code=401, type="invalid_request_error", code="invalid_api_key")
@@ -79,12 +111,16 @@ def model_not_found(model: str, available: list[str]) -> APIError:
                     code="model_not_found")
 
 
-def queue_full(retry_after: int, detail: str = "") -> APIError:
+def queue_full(retry_after_s: float, detail: str = "") -> APIError:
+    """429 with `Retry-After` (whole seconds, as HTTP defines it) and `retry-after-ms` (which
+    the `openai` clients read first)."""
     msg = "The server is at capacity: the request queue is full. Retry later."
     if detail:
         msg += f" ({detail})"
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))),
+               "retry-after-ms": str(max(1, round(retry_after_s * 1000)))}
     return APIError(msg, status_code=429, type="rate_limit_exceeded", code="queue_full",
-                    headers={"Retry-After": str(max(1, int(retry_after)))})
+                    headers=headers)
 
 
 def draining() -> APIError:
@@ -149,11 +185,11 @@ def install_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         etype = {404: "not_found_error", 405: "invalid_request_error"}.get(
             status, "invalid_request_error" if status < 500 else "server_error")
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        detail = exc.detail if isinstance(exc.detail, str) else safe_json(exc.detail)
         if status == 404:
             detail = f"Not found: {request.method} {request.url.path}"
-        return JSONResponse(error_body(detail, etype), status_code=status,
-                            headers=getattr(exc, "headers", None))
+        return APIError(detail, status_code=status, type=etype,
+                        headers=dict(getattr(exc, "headers", None) or {})).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

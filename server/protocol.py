@@ -1,25 +1,39 @@
-"""Request and response models of the OpenAI-compatible API.
+"""Request models of the OpenAI-compatible API (responses: `server/responses.py`).
 
-Requests are validated strictly (no silent coercion of `"16"` to 16, unknown fields rejected)
-and every field the server does not implement is either accepted only at its no-op value or
-rejected with a 400 that names it: a client must never get silently different semantics.
-Responses are plain dicts built by helpers here, so the JSON on the wire is exactly what the
-OpenAI reference shows (`logprobs: null` included).
+Requests are validated strictly (no silent coercion of `"16"` to 16, unknown fields rejected;
+an integral float such as `64.0` is accepted where an integer is expected, as vLLM does) and
+every field the server does not implement is either accepted only at its no-op value or
+rejected with a 400 that names it; several such fields are named together in one 400. A
+client must never get silently different semantics.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from .errors import invalid_request, unsupported
+from .errors import invalid_request, unsupported_many
 
 MAX_N = 128
-MAX_STOP = 4
+MAX_STOP = 64            # OpenAI allows 4; lm-eval sends every `until` string plus the end token
+MAX_STOP_CHARS = 1024
 MAX_SEED = 2**63 - 1
+MAX_TOKENS_PER_STEP = 1 << 16
+
+
+def _integral(value: Any) -> Any:
+    """`64.0` -> 64 (clients written for vLLM send JSON numbers); anything else unchanged, so
+    strict validation still refuses `64.5`, `"64"` and `true`."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
@@ -28,53 +42,82 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None  # vLLM extension: usage in every chunk
+    continuous_usage_stats: bool | None = Field(
+        default=None, description="vLLM extension: usage in every chunk")
 
 
-class _SamplingFields(_Strict):
+def doc(description: str | None = None, **schema: Any) -> Any:
+    """An optional field whose OpenAPI schema states what the checks below accept (the checks
+    themselves give the error messages)."""
+    return Field(default=None, description=description, json_schema_extra=schema or None)
+
+
+_NULL = {"type": "null"}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_STOP_SCHEMA = {"anyOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING,
+                                         "maxItems": MAX_STOP}, _NULL],
+                "description": f"up to {MAX_STOP} stop strings"}
+
+
+class SamplingFields(_Strict):
     """Fields shared by both endpoints."""
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
+    model: str | None = doc("the served model name (404 for another)")
+    max_tokens: Int | None = doc("generation length (prompt + max_tokens <= the context)",
+                                 minimum=1)
+    temperature: float | None = doc("0 (or below 1e-5): greedy", minimum=0, maximum=2)
+    top_p: float | None = doc(None, exclusiveMinimum=0, maximum=1)
+    top_k: Int | None = doc("sample among the k most likely tokens; -1 or 0: no limit",
+                            minimum=-1)
+    min_p: float | None = doc("drop tokens less likely than min_p times the most likely one",
+                              minimum=0, maximum=1)
+    n: Int | None = doc("choices per prompt (prompts x n <= --max-queue)", minimum=1,
+                        maximum=MAX_N)
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    user: str | None = None
+    stream_options: StreamOptions | None = doc("only with stream: true")
+    seed: Int | None = doc(None, minimum=0, maximum=MAX_SEED)
+    user: str | None = doc("accepted, not used")
     # Extensions
-    threshold: float | None = Field(default=None, description="confidence threshold in (0, 1]")
-    tokens_per_step: int | None = None   # finalise exactly k tokens per step (1 = naive)
+    threshold: float | None = doc("confidence threshold", exclusiveMinimum=0, maximum=1)
+    tokens_per_step: Int | None = doc("finalise exactly k tokens per step (1 = naive)",
+                                      minimum=1, maximum=MAX_TOKENS_PER_STEP)
     ignore_eos: bool | None = None
     # Accepted only at their no-op values
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = doc("not supported: only {} or null", maxProperties=0)
+    presence_penalty: float | None = doc("not supported: only 0", minimum=0, maximum=0)
+    frequency_penalty: float | None = doc("not supported: only 0", minimum=0, maximum=0)
 
-    def check_common(self, max_model_len: int | None = None) -> None:
+    def check_common(self, max_model_len: int) -> None:
+        self._check_values(max_model_len)
+        unsupported = self._unsupported()
+        if unsupported:
+            raise unsupported_many(unsupported)
+
+    def _check_values(self, max_model_len: int) -> None:
         if self.max_tokens is not None:
             if self.max_tokens < 1:
                 raise invalid_request(f"max_tokens must be at least 1, got {self.max_tokens}.",
                                       param="max_tokens")
-            if max_model_len is not None and self.max_tokens > max_model_len:
+            if self.max_tokens > max_model_len:
                 raise invalid_request(
                     f"max_tokens={self.max_tokens} is larger than the model's context length "
                     f"of {max_model_len} tokens.", param="max_tokens",
                     code="context_length_exceeded")
-        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
-            raise invalid_request(f"temperature must be in [0, 2], got {self.temperature}.",
-                                  param="temperature")
+        _in_range("temperature", self.temperature, 0.0, 2.0)
+        _in_range("min_p", self.min_p, 0.0, 1.0)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise invalid_request(f"top_p must be in (0, 1], got {self.top_p}.", param="top_p")
+        if self.top_k is not None and self.top_k < -1:
+            raise invalid_request(f"top_k must be -1, 0 (no limit) or positive, got "
+                                  f"{self.top_k}.", param="top_k")
         if self.n is not None and not 1 <= self.n <= MAX_N:
             raise invalid_request(f"n must be between 1 and {MAX_N}, got {self.n}.", param="n")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise invalid_request(f"threshold must be in (0, 1], got {self.threshold}.",
                                   param="threshold")
-        if self.tokens_per_step is not None and self.tokens_per_step < 1:
-            raise invalid_request(f"tokens_per_step must be at least 1, got "
+        if self.tokens_per_step is not None and not 1 <= self.tokens_per_step <= MAX_TOKENS_PER_STEP:
+            raise invalid_request(f"tokens_per_step must be in [1, {MAX_TOKENS_PER_STEP}], got "
                                   f"{self.tokens_per_step}.", param="tokens_per_step")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise invalid_request(f"seed must be in [0, 2^63-1], got {self.seed}.", param="seed")
@@ -84,15 +127,23 @@ class _SamplingFields(_Strict):
                                   param="stop")
         if any(s == "" for s in stops):
             raise invalid_request("stop sequences must be non-empty strings.", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise invalid_request(f"stop sequences may be at most {MAX_STOP_CHARS} characters.",
+                                  param="stop")
         if self.stream_options is not None and not self.stream:
             raise invalid_request("stream_options is only allowed when stream is true.",
                                   param="stream_options")
+
+    def _unsupported(self) -> list[tuple[str, str]]:
+        """(field, why) for each field present at a value this server does not implement."""
+        out = []
         if self.logit_bias:
-            raise unsupported("logit_bias")
+            out.append(("logit_bias", ""))
         if self.presence_penalty not in (None, 0, 0.0):
-            raise unsupported("presence_penalty", "only 0 is accepted")
+            out.append(("presence_penalty", "only 0 is accepted"))
         if self.frequency_penalty not in (None, 0, 0.0):
-            raise unsupported("frequency_penalty", "only 0 is accepted")
+            out.append(("frequency_penalty", "only 0 is accepted"))
+        return out
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -109,30 +160,52 @@ class _SamplingFields(_Strict):
                     and self.stream_options.continuous_usage_stats)
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: Any = None
+def _in_range(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise invalid_request(f"{name} must be in [{low:g}, {high:g}], got {value}.", param=name)
+
+
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+              _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}],
+    "description": "a string, a list of strings, token ids, or token-id lists"}
+
+
+class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"required": ["prompt"]})
+
+    # Validated by `normalize_prompt` (lengths before elements); the schema documents the forms.
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = None
     # Accepted only at their no-op values
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-    echo: bool | None = None
+    suffix: str | None = doc("not supported: only empty or null", maxLength=0)
+    logprobs: Annotated[Int | None, WithJsonSchema(_NULL)] = None
+    best_of: Int | None = doc("only 1", minimum=1, maximum=1)
+    echo: bool | None = doc("only false", enum=[False, None])
 
-    def check(self, max_model_len: int | None = None,
-              vocab_size: int | None = None) -> list[str | list[int]]:
+    def check(self, max_model_len: int, vocab_size: int,
+              max_prompts: int) -> list[str | list[int]]:
         """Validate and return the prompts (each a string or a token-id list)."""
-        self.check_common(max_model_len)
+        self._check_values(max_model_len)
+        unsupported = self._unsupported()
         if self.suffix:
-            raise unsupported("suffix")
+            unsupported.append(("suffix", ""))
         if self.logprobs is not None:
-            raise unsupported("logprobs", "log probabilities are not implemented")
+            unsupported.append(("logprobs", "log probabilities are not implemented"))
         if self.best_of not in (None, 1):
-            raise unsupported("best_of", "only best_of=1 is accepted")
+            unsupported.append(("best_of", "only best_of=1 is accepted"))
         if self.echo:
-            raise unsupported("echo")
-        return normalize_prompt(self.prompt, vocab_size)
+            unsupported.append(("echo", ""))
+        if unsupported:
+            raise unsupported_many(unsupported)
+        return normalize_prompt(self.prompt, vocab_size, max_model_len, max_prompts)
 
 
-def normalize_prompt(prompt: Any, vocab_size: int | None) -> list[str | list[int]]:
+def normalize_prompt(prompt: Any, vocab_size: int, max_model_len: int,
+                     max_prompts: int) -> list[str | list[int]]:
+    """The prompts of a completions request, each a string or token ids. Lengths are checked
+    before elements, so an oversized prompt costs no scan."""
     shape_msg = ("prompt must be a string, a list of strings, a list of token ids or a list "
                  "of token-id lists.")
     if prompt is None:
@@ -142,23 +215,29 @@ def normalize_prompt(prompt: Any, vocab_size: int | None) -> list[str | list[int
     elif isinstance(prompt, list):
         if not prompt:
             raise invalid_request("prompt must not be empty.", param="prompt")
-        if all(_is_int(x) for x in prompt):
+        if _is_int(prompt[0]):
             prompts = [prompt]
-        elif all(isinstance(x, str) for x in prompt):
-            prompts = list(prompt)
-        elif all(isinstance(x, list) for x in prompt):
-            prompts = list(prompt)
-            for p in prompts:
-                if not all(_is_int(x) for x in p):
-                    raise invalid_request(shape_msg, param="prompt")
         else:
-            raise invalid_request(shape_msg, param="prompt")
+            prompts = list(prompt)
+            if len(prompts) > max_prompts:
+                raise invalid_request(f"prompt holds {len(prompts)} prompts; at most "
+                                      f"{max_prompts} per request.", param="prompt")
     else:
+        raise invalid_request(shape_msg, param="prompt")
+    for p in prompts:
+        if isinstance(p, list) and len(p) > max_model_len:
+            raise invalid_request(
+                f"The prompt has {len(p)} tokens; this model's maximum context length is "
+                f"{max_model_len} tokens. Reduce the prompt.", param="prompt",
+                code="context_length_exceeded")
+    kinds = {type(p) for p in prompts}
+    if kinds not in ({str}, {list}) or (
+            kinds == {list} and not all(_is_int(x) for p in prompts for x in p)):
         raise invalid_request(shape_msg, param="prompt")
     for p in prompts:
         if len(p) == 0:
             raise invalid_request("prompt must not be empty.", param="prompt")
-        if isinstance(p, list) and vocab_size is not None:
+        if isinstance(p, list):
             bad = [t for t in p if not 0 <= t < vocab_size]
             if bad:
                 raise invalid_request(
@@ -172,26 +251,49 @@ def _is_int(x: Any) -> bool:
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="allow", strict=True,
+                              json_schema_extra={"required": ["type", "text"]})
+    type: Annotated[str, WithJsonSchema({"const": "text", "description": "only text"})]
+    text: str | None = doc(None, type="string")
+
+
+# content may be null only in an assistant message (a client echoing a tool-call turn).
+_CONTENT_RULE = {"anyOf": [
+    {"properties": {"content": {"not": {"type": "null"}}}, "required": ["content"]},
+    {"properties": {"role": {"const": "assistant"}}}]}
+
+
+def _message_schema(schema: dict[str, Any]) -> None:
+    schema.update(_CONTENT_RULE)
+    schema["properties"]["tool_calls"] = {"anyOf": [{"type": "array", "maxItems": 0},
+                                                    {"type": "null"}]}
 
 
 class ChatMessage(BaseModel):
     # Clients echo back assistant messages with extra keys (refusal, annotations...): accept
     # them, but reject the ones that would need features this server lacks.
-    model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_message_schema)
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool"], WithJsonSchema(
+        {"enum": ["system", "developer", "user", "assistant"],
+         "description": "tool messages need tool calling, which is not implemented"})]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self, index: int) -> str:
+    def unsupported(self, index: int) -> list[tuple[str, str]]:
+        out = []
         if self.role == "tool":
-            raise unsupported(f"messages[{index}].role", "tool messages need tool calling, "
-                              "which is not implemented")
-        extra = self.model_extra or {}
-        if extra.get("tool_calls"):
-            raise unsupported(f"messages[{index}].tool_calls")
+            out.append((f"messages[{index}].role", "tool messages need tool calling, which is "
+                                                   "not implemented"))
+        if (self.model_extra or {}).get("tool_calls", None) not in (None, []):
+            out.append((f"messages[{index}].tool_calls", "tool calling is not implemented"))
+        if isinstance(self.content, list):
+            for j, part in enumerate(self.content):
+                if part.type != "text" or part.text is None:
+                    out.append((f"messages[{index}].content[{j}]",
+                                f"content type '{part.type}' (only text is supported)"))
+        return out
+
+    def text(self, index: int) -> str:
         if self.content is None:
             if self.role == "assistant":
                 return ""
@@ -199,72 +301,74 @@ class ChatMessage(BaseModel):
                                   param=f"messages[{index}].content")
         if isinstance(self.content, str):
             return self.content
-        out = []
-        for j, part in enumerate(self.content):
-            if part.type != "text" or part.text is None:
-                raise unsupported(f"messages[{index}].content[{j}]",
-                                  f"content type '{part.type}' (only text is supported)")
-            out.append(part.text)
-        return "".join(out)
+        return "".join(part.text or "" for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] | None = None
-    max_completion_tokens: int | None = None
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"required": ["messages"]})
+
+    messages: list[ChatMessage] = doc(None, minItems=1)
+    max_completion_tokens: Int | None = doc("the newer spelling of max_tokens (wins when both are sent)",
+                                            minimum=1)
     # Accepted only at their no-op values
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    logprobs: bool | None = doc("only false", enum=[False, None])
+    top_logprobs: Int | None = doc("only 0", minimum=0, maximum=0)
+    tools: list[Any] | None = doc("not supported: only [] or null", maxItems=0)
+    tool_choice: Annotated[Any, WithJsonSchema({"enum": ["none", None]})] = None
+    functions: list[Any] | None = doc("not supported: only [] or null", maxItems=0)
+    function_call: Annotated[Any, WithJsonSchema({"enum": ["none", None]})] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
-    store: bool | None = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+        _NULL]})] = None
+    modalities: Annotated[list[str] | None, WithJsonSchema(
+        {"anyOf": [{"const": ["text"]}, _NULL]})] = None
+    audio: Annotated[Any, WithJsonSchema(_NULL)] = None
+    prediction: Annotated[Any, WithJsonSchema(_NULL)] = None
+    reasoning_effort: Annotated[Any, WithJsonSchema(_NULL)] = None
+    web_search_options: Annotated[Any, WithJsonSchema(_NULL)] = None
+    store: bool | None = doc("only false", enum=[False, None])
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
-    def check(self, max_model_len: int | None = None) -> list[dict[str, str]]:
-        if self.max_completion_tokens is not None:
-            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
-                raise invalid_request("max_tokens and max_completion_tokens disagree; send one.",
-                                      param="max_completion_tokens")
+    def check(self, max_model_len: int) -> list[dict[str, str]]:
+        if self.max_completion_tokens is not None:   # the newer spelling wins (as in vLLM)
             self.max_tokens = self.max_completion_tokens
-        self.check_common(max_model_len)
-        if self.logprobs:
-            raise unsupported("logprobs", "log probabilities are not implemented")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "log probabilities are not implemented")
-        if self.tools:
-            raise unsupported("tools", "tool calling is not implemented")
-        if self.functions:
-            raise unsupported("functions", "function calling is not implemented")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", "tool calling is not implemented")
-        if self.function_call not in (None, "none"):
-            raise unsupported("function_call", "function calling is not implemented")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise unsupported("response_format", "only {'type': 'text'} is accepted")
-        if self.modalities is not None and self.modalities != ["text"]:
-            raise unsupported("modalities", "only ['text'] is accepted")
-        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
-            if getattr(self, name) is not None:
-                raise unsupported(name)
-        if self.store:
-            raise unsupported("store", "this server does not store completions")
+        self._check_values(max_model_len)
+        unsupported = self._unsupported() + self._unsupported_chat()
+        for i, m in enumerate(self.messages or []):
+            unsupported += m.unsupported(i)
+        if unsupported:
+            raise unsupported_many(unsupported)
         if not self.messages:
             raise invalid_request("messages must be a non-empty list.", param="messages")
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                 for i, m in enumerate(self.messages)]
 
-
-# ------------------------------------------------------------------------------------------
-# Responses
+    def _unsupported_chat(self) -> list[tuple[str, str]]:
+        out = []
+        if self.logprobs:
+            out.append(("logprobs", "log probabilities are not implemented"))
+        if self.top_logprobs:
+            out.append(("top_logprobs", "log probabilities are not implemented"))
+        if self.tools:
+            out.append(("tools", "tool calling is not implemented"))
+        if self.functions:
+            out.append(("functions", "function calling is not implemented"))
+        if self.tool_choice not in (None, "none"):
+            out.append(("tool_choice", "tool calling is not implemented"))
+        if self.function_call not in (None, "none"):
+            out.append(("function_call", "function calling is not implemented"))
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            out.append(("response_format", "only {'type': 'text'} is accepted"))
+        if self.modalities is not None and self.modalities != ["text"]:
+            out.append(("modalities", "only ['text'] is accepted"))
+        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+            if getattr(self, name) is not None:
+                out.append((name, ""))
+        if self.store:
+            out.append(("store", "this server does not store completions"))
+        return out
 
 
 def new_id(prefix: str) -> str:
@@ -275,71 +379,4 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, steps: int,
-               blocks: int) -> dict[str, int]:
-    """OpenAI usage plus the diffusion figures: `denoising_steps` (forward passes the request's
-    samples took part in, prefill excluded; the paper's central figure) and `num_blocks`."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "denoising_steps": steps,
-        "num_blocks": blocks,
-    }
-
-
-def completion_response(rid: str, created: int, model: str, choices: list[dict],
-                        usage: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage}
-
-
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _chunk(obj: str, rid: str, created: int, model: str, choices: list[dict],
-           usage: dict | None, with_usage_key: bool) -> dict:
-    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-    if with_usage_key or usage is not None:
-        out["usage"] = usage
-    return out
-
-
-def completion_chunk(rid: str, created: int, model: str, choices: list[dict],
-                     usage: dict | None = None, with_usage_key: bool = False) -> dict:
-    return _chunk("text_completion", rid, created, model, choices, usage, with_usage_key)
-
-
-def chat_response(rid: str, created: int, model: str, choices: list[dict],
-                  usage: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage}
-
-
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": None, "finish_reason": finish_reason}
-
-
-def chat_chunk(rid: str, created: int, model: str, choices: list[dict],
-               usage: dict | None = None, with_usage_key: bool = False) -> dict:
-    return _chunk("chat.completion.chunk", rid, created, model, choices, usage, with_usage_key)
-
-
-def chat_chunk_choice(index: int, text: str, finish_reason: str | None,
-                      first: bool) -> dict:
-    delta: dict[str, Any] = {"content": text}
-    if first:
-        delta = {"role": "assistant", "content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def models_response(names: list[str], created: int, root: str | None = None,
-                    max_model_len: int | None = None) -> dict:
-    return {"object": "list", "data": [
-        {"id": n, "object": "model", "created": created, "owned_by": "cdlm",
-         "root": root or n, "parent": None, "max_model_len": max_model_len} for n in names]}
-
-
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "StreamOptions"]
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "SamplingFields", "StreamOptions"]

@@ -36,6 +36,18 @@ LLAMA_TO_LLADA = [
 ]
 
 
+def add_bos_post_processor(tok_dir: Path, bos: str = "<|startoftext|>") -> None:
+    """LLaDA's tokenizer puts its BOS `<|startoftext|>` in front of every encoded text
+    (`add_special_tokens=True`), as Llama-3-style tokenizer.json files do with a
+    TemplateProcessing post-processor; Dream's Qwen2 tokenizer adds nothing."""
+    from tokenizers import Tokenizer, processors
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    bos_id = tok.token_to_id(bos)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    tok.save(str(tok_dir / "tokenizer.json"))
+
+
 def llama_key_to_llada(key: str) -> str:
     for old, new in LLAMA_TO_LLADA:
         key = key.replace(old, new)
@@ -83,6 +95,7 @@ def write_tiny_llada(out: Path, *, seed: int = 0, shards: int = 1, layers: int =
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_byte_tokenizer(out)
+    add_bos_post_processor(out)
     ids = _special_ids(out)
     ref_config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=heads,

@@ -56,6 +56,10 @@ def test_stop_string_truncates_text(llm):
     assert out.finish_reason == "stop"
     assert out.text == text[:text.index(stop)]
     assert stop in llm.tokenizer.decode(out.token_ids)
+    # The block the stop string cut short counts: a request always reports the blocks it
+    # decoded (it was 0 when the stop string ended the first block).
+    full_blocks = -(-len(out.token_ids) // 8)
+    assert out.outputs[0].num_blocks in (max(1, full_blocks), full_blocks + 1)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(llm):
@@ -100,6 +104,43 @@ def test_bad_requests_raise_clear_errors(llm):
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
     assert not engine.has_unfinished_requests()
+
+
+def test_errors_are_typed_so_callers_need_not_read_messages(llm):
+    """The server maps these types to HTTP codes (400 / 400 context_length_exceeded / 429)."""
+    from cdlm.errors import ContextLengthError, InvalidRequestError
+    engine = llm.engine
+    with pytest.raises(ContextLengthError) as info:
+        engine.add_request("t1", [1] * 100, SamplingParams(max_tokens=4000))
+    assert info.value.param == "max_tokens" and isinstance(info.value, ValueError)
+    with pytest.raises(ContextLengthError) as info:
+        engine.add_request("t2", [1] * 4096, SamplingParams(max_tokens=4))
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("t3", [1, 10**9], SamplingParams())
+    assert info.value.param == "prompt" and not isinstance(info.value, ContextLengthError)
+    assert issubclass(QueueFullError, RuntimeError) and not issubclass(QueueFullError, ValueError)
+
+
+def test_add_requests_is_all_or_nothing(tiny_llada):
+    """A group (the n choices of one HTTP request) is queued whole or not at all."""
+    from cdlm.config import EngineConfig
+    from cdlm.engine import NewRequest
+    from cdlm.errors import InvalidRequestError
+    engine = LLMEngine.from_pretrained(str(tiny_llada[0]), engine_config=EngineConfig(
+        max_num_seqs=4, max_queue=3))
+    p = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(QueueFullError):
+        engine.add_requests([NewRequest(f"g{i}", "a", p) for i in range(4)])
+    with pytest.raises(InvalidRequestError):   # one bad member: nothing is queued
+        engine.add_requests([NewRequest("h0", "a", p), NewRequest("h1", [10**9], p)])
+    assert not engine.has_unfinished_requests()
+    engine.add_requests([NewRequest(f"k{i}", "a", p) for i in range(3)])
+    assert engine.stats.num_waiting == 3
+    engine.step()   # the whole group is admitted in one step
+    assert engine.stats.num_running == 3 and engine.stats.num_waiting == 0
+    for i in range(3):
+        engine.abort_request(f"k{i}")
 
 
 def test_abort_frees_the_cache_within_a_step(llm):

@@ -122,3 +122,19 @@ def test_abort_frees_pages_at_once():
     assert sched.abort("a").finish_reason == "abort"
     assert manager.num_free == 8 and not sched.has_unfinished()
     assert sched.abort("a") is None
+
+
+def test_a_block_cut_by_a_stop_string_counts_as_a_block():
+    """A stop string found mid-block ends the request there; that block is reported among its
+    blocks (usage.num_blocks was 0 when the stop string ended the first block)."""
+    sched = Scheduler(BlockManager(8, 4), max_num_seqs=2, max_queue=2)
+    first, later = _seq("first"), _seq("later")
+    sched.add(first)
+    sched.add(later)
+    seqs = sched.schedule().seqs
+    sched.update(seqs, [([0, 1], [10, 11]), ([0, 1, 2, 3], [20, 21, 22, 23])])
+    sched.finish(first, "stop", output_len=1)      # stop string inside the first block
+    assert first.output_token_ids == [10] and first.num_blocks == 1
+    sched.update([later], [([0], [24])])
+    sched.finish(later, "stop", output_len=5)      # one full block, then the cut one
+    assert later.output_token_ids == [20, 21, 22, 23, 24] and later.num_blocks == 2

@@ -1,7 +1,11 @@
 """Each family's own config.json format <-> ModelConfig.
 
 Checkpoints are read as published: no conversion step. Saving writes the family's format, so
-what we save loads in the family's reference code too.
+what we save loads in the family's reference code too. Every config value the reference
+modeling code (LLaDA's configuration_llada / modeling_llada, Dream's configuration_dream on
+Qwen2) would compute differently from `DiffusionLM` is refused with the field's name; absent
+fields take the reference code's own defaults. Fields that do not change inference (dropouts,
+init, flash_attention, block_group_size, precision) are ignored.
 """
 
 from __future__ import annotations
@@ -114,37 +118,99 @@ def _single_id(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _refuse(family: str, field: str, value: Any, implemented: str) -> ValueError:
+    return ValueError(
+        f"unsupported {family} config: {field}={value!r} is not implemented ({implemented}); "
+        f"refusing to load a model whose logits would differ from the reference code")
+
+
+def _require(raw: dict[str, Any], family: str, field: str, default: Any, allowed: tuple,
+             implemented: str) -> None:
+    """The value the family's reference code reads (its own default when absent) must be one
+    this model definition computes."""
+    value = raw.get(field, default)
+    if value not in allowed:
+        raise _refuse(family, field, value, implemented)
+
+
+# LLaDA's configuration_llada.ModelConfig defaults, used when config.json omits a field, and
+# the values of each field that `DiffusionLM` computes exactly.
+_LLADA_FIELDS: tuple[tuple[str, Any, tuple, str], ...] = (
+    ("block_type", "sequential", ("llama",), "only the llama block with separate q/k/v"),
+    ("activation_type", "swiglu", ("silu",), "the llama block's gated SiLU"),
+    ("layer_norm_type", "default", ("rms",), "RMSNorm only"),
+    ("layer_norm_with_affine", True, (True,), "RMSNorm with a weight"),
+    ("rope", False, (True,), "rotary position embeddings only"),
+    ("alibi", False, (False,), "no ALiBi bias"),
+    ("rope_full_precision", True, (True,), "rotation in fp32"),
+    ("scale_logits", False, (False,), "unscaled logits"),
+    ("input_emb_norm", False, (False,), "no embedding scaling"),
+    ("attention_layer_norm", False, (False,), "no q/k norms"),
+    ("include_bias", False, (False,), "no biases outside q/k/v"),
+    ("clip_qkv", None, (None,), "no q/k/v clipping"),
+)
+
+
+def _llada_kv_heads(raw: dict[str, Any], heads: int) -> int:
+    """configuration_llada's effective_n_kv_heads: multi-query attention means one KV head."""
+    kv, mqa = raw.get("n_kv_heads"), raw.get("multi_query_attention")
+    if mqa is None:
+        return int(kv or heads)
+    wanted = 1 if mqa else heads
+    if kv is not None and int(kv) != wanted:
+        raise _refuse("LLaDA", "multi_query_attention", mqa,
+                      f"it contradicts n_kv_heads={kv}")
+    return wanted
+
+
 def config_from_llada(raw: dict[str, Any]) -> ModelConfig:
-    if raw.get("include_bias"):
-        raise ValueError("LLaDA checkpoints with include_bias=true (biases everywhere) are not supported")
-    if raw.get("activation_type", "silu") not in ("silu", "swiglu"):
-        raise ValueError(f"unsupported LLaDA activation {raw.get('activation_type')!r}")
+    for field, default, allowed, implemented in _LLADA_FIELDS:
+        _require(raw, "LLaDA", field, default, allowed, implemented)
+    norm_bias = raw.get("bias_for_layer_norm")
+    if (raw.get("include_bias", False) if norm_bias is None else norm_bias):
+        raise _refuse("LLaDA", "bias_for_layer_norm", norm_bias, "RMSNorm without a bias")
+    tied = bool(raw.get("weight_tying", True))   # the reference default ties
+    if "tie_word_embeddings" in raw and bool(raw["tie_word_embeddings"]) != tied:
+        raise _refuse("LLaDA", "tie_word_embeddings", raw["tie_word_embeddings"],
+                      f"LLaDA reads weight_tying={tied}; the two disagree")
     vocab = int(raw.get("embedding_size") or raw["vocab_size"])
     heads = int(raw["n_heads"])
+    hidden = int(raw["d_model"])
     return ModelConfig(
         family="llada",
         vocab_size=vocab,
-        hidden_size=int(raw["d_model"]),
+        hidden_size=hidden,
         num_layers=int(raw["n_layers"]),
         num_heads=heads,
-        num_kv_heads=int(raw.get("n_kv_heads") or heads),
-        intermediate_size=int(raw["mlp_hidden_size"]),
+        num_kv_heads=_llada_kv_heads(raw, heads),
+        intermediate_size=int(raw.get("mlp_hidden_size") or raw.get("mlp_ratio", 4) * hidden),
         rope_theta=float(raw.get("rope_theta", 10000.0)),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         qkv_bias=bool(raw.get("include_qkv_bias", False)),
         mask_token_id=int(raw.get("mask_token_id", LLADA_DEFAULT_MASK_ID)),
         eos_token_id=_single_id(raw.get("eos_token_id")) or 0,
         pad_token_id=_single_id(raw.get("pad_token_id")),
-        max_position_embeddings=int(raw.get("max_sequence_length", 4096)),
+        max_position_embeddings=int(raw.get("max_sequence_length", 1024)),
         block_size=_cdlm_block_size(raw),
-        tie_word_embeddings=bool(raw.get("weight_tying", False)),
+        tie_word_embeddings=tied,
         source_config=dict(raw),
     )
 
 
+def _default_rope(scaling: Any) -> bool:
+    if scaling is None:
+        return True
+    return isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+
+
 def config_from_dream(raw: dict[str, Any]) -> ModelConfig:
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported Dream activation {raw.get('hidden_act')!r}")
+    _require(raw, "Dream", "hidden_act", "silu", ("silu",), "the gated SiLU MLP")
+    if not _default_rope(raw.get("rope_scaling")):
+        raise _refuse("Dream", "rope_scaling", raw.get("rope_scaling"), "plain RoPE only")
+    if raw.get("use_sliding_window", False):
+        raise _refuse("Dream", "use_sliding_window", raw["use_sliding_window"],
+                      "full attention in every layer")
+    _require(raw, "Dream", "mlp_bias", False, (False,), "an MLP without biases")
     heads = int(raw["num_attention_heads"])
     return ModelConfig(
         family="dream",
@@ -152,7 +218,7 @@ def config_from_dream(raw: dict[str, Any]) -> ModelConfig:
         hidden_size=int(raw["hidden_size"]),
         num_layers=int(raw["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        num_kv_heads=int(raw.get("num_key_value_heads", 32)),
         intermediate_size=int(raw["intermediate_size"]),
         rope_theta=float(raw.get("rope_theta", 10000.0)),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
@@ -160,7 +226,7 @@ def config_from_dream(raw: dict[str, Any]) -> ModelConfig:
         mask_token_id=int(raw.get("mask_token_id", DREAM_DEFAULT_MASK_ID)),
         eos_token_id=_single_id(raw.get("eos_token_id")) or 0,
         pad_token_id=_single_id(raw.get("pad_token_id")),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
         block_size=_cdlm_block_size(raw),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         source_config=dict(raw),

@@ -18,16 +18,17 @@ API_KEY = "test-key-123"
 class LiveServer:
     """The app of `server.cli.build_app` served by uvicorn in a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, timeout_keep_alive: float = 5.0) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        from server.cli import uvicorn_config
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning",
+                                                    timeout_keep_alive=timeout_keep_alive,
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -69,7 +70,7 @@ def make_server(**overrides: Any) -> LiveServer:
 
     settings = serve_settings(**overrides)
     engine = build_engine(settings)
-    return LiveServer(build_app(engine, settings)).start()
+    return LiveServer(build_app(engine, settings), settings["timeout_keep_alive"]).start()
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -171,6 +171,12 @@ def test_stop_string(client):
                                   extra_body={"ignore_eos": True})
     assert s.choices[0].finish_reason == "stop"
     assert s.choices[0].text == text[:text.find(needle)]
+    # usage counts the block the stop string cut short, one per streamed chunk
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="stop test", max_tokens=24, temperature=0.9, seed=11, stop=[needle],
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.model_extra["num_blocks"] == len(chunks) - 1 >= 1
+    assert s.usage.model_extra["num_blocks"] == len(chunks) - 1
 
 
 async def _concurrent(url: str, prompts: list[str], **kw) -> list[str]:
@@ -295,7 +301,7 @@ def test_streaming_stop_string_across_a_block_boundary(http, live):
 
 
 def test_stop_prefix_holdback_helper():
-    from server.app import _stop_prefix_len
+    from server.generation import stop_prefix_len as _stop_prefix_len
     assert _stop_prefix_len("hello wor", ["world"]) == 3
     assert _stop_prefix_len("hello", ["xyz"]) == 0
     assert _stop_prefix_len("abc", ["c", "bcd"]) == 2
@@ -315,4 +321,16 @@ def test_decoding_extensions_threshold_and_tokens_per_step(client):
 
 def test_models_report_the_context_length(live, client):
     card = client.models.list().data[0]
-    assert card.model_extra["max_model_len"] == live.state.config.max_model_len
+    assert card.model_extra["max_model_len"] == live.state.max_model_len
+
+
+def test_a_stop_string_mid_block_still_counts_that_block(client):
+    base = dict(model=MODEL, prompt="stop test", max_tokens=BLOCK, temperature=0,
+                extra_body={"ignore_eos": True, "tokens_per_step": 1})
+    text = client.completions.create(**base).choices[0].text
+    stop = " " + text.split()[1]
+    r = client.completions.create(**base, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.find(stop)]
+    usage = r.usage.model_extra
+    assert usage["denoising_steps"] < BLOCK   # ended inside the first block...
+    assert usage["num_blocks"] == 1           # ...which is reported (it was 0)

@@ -43,7 +43,11 @@ def test_every_documented_flag_has_its_env_var():
                   "--device": "CDLM_DEVICE", "--threshold": "CDLM_THRESHOLD",
                   "--max-num-seqs": "CDLM_MAX_NUM_SEQS",
                   "--kv-cache-tokens": "CDLM_KV_CACHE_TOKENS", "--max-queue": "CDLM_MAX_QUEUE",
-                  "--drain-timeout": "CDLM_DRAIN_TIMEOUT"}
+                  "--drain-timeout": "CDLM_DRAIN_TIMEOUT",
+                  "--max-request-bytes": "CDLM_MAX_REQUEST_BYTES",
+                  "--allowed-origins": "CDLM_ALLOWED_ORIGINS",
+                  "--chat-special-tokens": "CDLM_CHAT_SPECIAL_TOKENS",
+                  "--timeout-keep-alive": "CDLM_TIMEOUT_KEEP_ALIVE"}
     have = {o.flag: o.env for o in OPTIONS}
     for flag, env in documented.items():
         assert have[flag] == env
@@ -52,3 +56,19 @@ def test_every_documented_flag_has_its_env_var():
 def test_bad_env_value_is_a_clear_error():
     with pytest.raises(SystemExit, match="CDLM_PORT"):
         resolve_settings(_parse([]), environ={"CDLM_PORT": "eighty"})
+
+
+def test_hardening_settings_from_env_and_flags():
+    s = resolve_settings(_parse([]), environ={})
+    assert s["max_request_bytes"] == 16 << 20 and s["allowed_origins"] == []
+    assert s["chat_special_tokens"] is False and s["timeout_keep_alive"] == 5.0
+    env = {"CDLM_MAX_REQUEST_BYTES": "4096", "CDLM_ALLOWED_ORIGINS": "http://a.example, http://b",
+           "CDLM_CHAT_SPECIAL_TOKENS": "true", "CDLM_TIMEOUT_KEEP_ALIVE": "2.5"}
+    s = resolve_settings(_parse([]), environ=env)
+    assert s["max_request_bytes"] == 4096 and s["allowed_origins"] == ["http://a.example", "http://b"]
+    assert s["chat_special_tokens"] is True and s["timeout_keep_alive"] == 2.5
+    s = resolve_settings(_parse(["--chat-special-tokens", "no", "--allowed-origins", "*"]),
+                         environ=env)
+    assert s["chat_special_tokens"] is False and s["allowed_origins"] == ["*"]
+    with pytest.raises(SystemExit, match="CDLM_CHAT_SPECIAL_TOKENS"):
+        resolve_settings(_parse([]), environ={"CDLM_CHAT_SPECIAL_TOKENS": "maybe"})

@@ -60,7 +60,8 @@ CASES = [
     ("threshold-out-of-range", "/v1/completions", _with(OK, threshold=1.5), AUTH, 400,
      "threshold", None),
     ("stop-empty", "/v1/completions", _with(OK, stop=[""]), AUTH, 400, "stop", None),
-    ("stop-too-many", "/v1/completions", _with(OK, stop=list("abcde")), AUTH, 400, "stop", None),
+    ("stop-too-many", "/v1/completions", _with(OK, stop=[f"s{i}" for i in range(65)]), AUTH, 400,
+     "stop", None),
     ("seed-negative", "/v1/completions", _with(OK, seed=-3), AUTH, 400, "seed", None),
     ("stream-options-without-stream", "/v1/completions",
      _with(OK, stream_options={"include_usage": True}), AUTH, 400, "stream_options", None),
@@ -117,7 +118,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_request_table(live, case):
     name, path, body, headers, status, param, code = case
-    ctx = live.state.config.max_model_len
+    ctx = live.state.max_model_len
     if callable(body):
         body = body(ctx)
     with httpx.Client(base_url=live.url, timeout=30) as c:
@@ -145,7 +146,7 @@ def test_bad_request_table(live, case):
 
 
 def test_prompt_over_context_message_has_both_numbers(live):
-    ctx = live.state.config.max_model_len
+    ctx = live.state.max_model_len
     n_prompt, n_out = ctx - 96, 200
     r = httpx.post(live.url + "/v1/completions", headers=AUTH, timeout=30,
                    json=_with(OK, prompt=[65] * n_prompt, max_tokens=n_out))

@@ -22,7 +22,7 @@ def long_request(srv) -> dict:
     """A request that runs many steps whatever the model: the whole context, one token per
     step, no early stop."""
     return {"model": MODEL, "prompt": "long", "temperature": 0, "ignore_eos": True,
-            "tokens_per_step": 1, "max_tokens": srv.state.config.max_model_len - 64}
+            "tokens_per_step": 1, "max_tokens": srv.state.max_model_len - 64}
 
 
 def _wait(pred, timeout: float = 10.0, interval: float = 0.01) -> float:
@@ -146,6 +146,7 @@ def test_fault_in_one_request_fails_only_that_request(small, monkeypatch):
     # room for both requests (this server was built with one running + one waiting)
     monkeypatch.setattr(small.engine.scheduler, "max_num_seqs", 2)
     monkeypatch.setattr(small.engine.scheduler, "max_queue", 4)
+    monkeypatch.setattr(small.state.engine, "max_queue", 4)   # admission in the async front
 
     async def both():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as c:
