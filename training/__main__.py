@@ -51,8 +51,9 @@ def cmd_teacher(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_pretrained(root / "tokenizer")
     eval_fn = None
     if args.eval_every:
-        eval_fn = probe({f: data_path(root, f, "test") for f in FAMILIES}, tokenizer,
-                        args.eval_n, cfg.gen_len, cfg.block_size)
+        # Probed on validation (never test): the naive policy and the training-free threshold rule.
+        eval_fn = probe({f: data_path(root, f, "val") for f in FAMILIES}, tokenizer,
+                        args.eval_n, cfg.gen_len, cfg.block_size, ks=(1,), thresholds=(0.9,))
     out = train_teacher([data_path(root, f, "train") for f in FAMILIES], root / "tokenizer",
                         Path(args.out), cfg, eval_fn, args.eval_every)
     print(out)
