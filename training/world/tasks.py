@@ -7,9 +7,10 @@ with a GSM8K-style `#### N` line. Two properties make the world a test of CDLM:
    only be written confidently once step 2's is known: decoding several tokens per step without
    distillation (the teacher cut to the student's step budget) commits to unresolved results.
 2. **Several valid surface forms per step.** Every chain-of-thought line can be written in
-   one of three ways (the two clauses "X has r" and "a op n = r" in either order, or a
-   rephrasing), and the final line with or without optional words; the teacher's training data
-   samples them (`Surface.weight`: the most frequent form is about half the data). So the
+   several ways (math: the two clauses "X has r" and "a op n = r" in either order, or a
+   rephrasing; code: the assignment or the expression first), and the final line with or
+   without optional words; the teacher's training data samples them (`Surface.weight`: the
+   most frequent form is 50-60% of the data). So the
    teacher's distribution over a masked line is genuinely multi-modal: before a line's form is
    chosen no form-specific token reaches a confidence of 0.9, and the training-free threshold
    rule finalises about one choice per step; finalising tokens of different forms in one step
@@ -62,7 +63,11 @@ class Surface:
 
 # Fields: who (the name or variable the step defines), a (previous result), op, n, r (result).
 # Every line form of a family has the length of the family's prompt clause (10 tokens for math,
-# 8 for code): see "layout" below.
+# 8 for code): see "layout" below. Every form of a family also writes the result at the same
+# offset (8 for math, 6 for code), where the next line copies it from. (Measured: with code
+# forms that put it at offsets 6, 4 and 2, the teacher reached 83% on code after 4000 steps, its
+# errors results off by a few, against 97% on math.) Forms differ at most other offsets, so a
+# choice is carried by many tokens.
 MATH_LINES: tuple[Surface, ...] = (
     Surface("{a} {op} {n} = {r} so {who} has {r} .", 0.5),
     Surface("{who} has {r} since {a} {op} {n} = {r} .", 0.3),
@@ -73,9 +78,8 @@ MATH_ENDINGS: tuple[Surface, ...] = (
     Surface("the answer is {r} . #### {r}", 0.4),
 )
 CODE_LINES: tuple[Surface, ...] = (
-    Surface("{who} = {a} {op} {n} = {r} ;", 0.5),
-    Surface("{a} {op} {n} = {r} -> {who} ;", 0.3),
-    Surface("{who} <- {r} from {a} {op} {n} ;", 0.2),
+    Surface("{who} = {a} {op} {n} = {r} ;", 0.6),
+    Surface("{a} {op} {n} -> {who} = {r} ;", 0.4),
 )
 CODE_ENDINGS: tuple[Surface, ...] = (
     Surface("#### {r}", 0.6),
@@ -195,7 +199,7 @@ def make_math(rng: random.Random, steps: int = STEPS) -> tuple[str, list[Step]] 
 
 
 # --- family (b): code-like program tracing ----------------------------------------------------
-# Statement (8 tokens): "c = ( b * 2 ) ;"   Lines (8 tokens): "c = 7 * 2 = 14 ;" / "7 * 2 = 14 -> c ;" / ...
+# Statement (8 tokens): "c = ( b * 2 ) ;"   Lines (8 tokens): "c = 7 * 2 = 14 ;" / "7 * 2 -> c = 14 ;"
 # Each statement reads the variable the previous one wrote, so line i's left operand is line
 # i-1's result; the right operand is a literal of the statement.
 
@@ -296,7 +300,7 @@ def vocabulary() -> list[str]:
     """Every word the world can produce (numbers included): the tokenizer's regular vocabulary."""
     words = set(NAMES) | set(ITEMS) | set(VARIABLES)
     words |= {str(i) for i in range(0, 2 * MAX_VALUE + 1)}
-    words |= {".", ",", "?", ";", "=", "+", "-", "*", "/", "####", ":", "->", "<-", "(", ")"}
+    words |= {".", ",", "?", ";", "=", "+", "-", "*", "/", "####", ":", "->", "(", ")"}
     words |= set("has more fewer than twice half the of at start Then How many does have "
-                 "trace print so since which is answer return from does that".split())
+                 "trace print so since which is answer return does that".split())
     return sorted(words)
