@@ -77,6 +77,8 @@ class LLMEngine:
         if self.config.threshold is None:
             self.config = replace(self.config, threshold=DEFAULT_THRESHOLD)
         self.model = model
+        if self.config.compile_layer_ops:
+            model.compile_layer_ops()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_config = model.config
@@ -86,10 +88,17 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         page_size = self.config.page_size
         num_pages = self._kv_pages(page_size)
-        self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device)
+        self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device,
+                                self.block_size)
         self.scheduler = Scheduler(BlockManager(num_pages, page_size), self.config.max_num_seqs,
-                                   self.config.max_queue)
-        self.runner = ModelRunner(model, self.pool, self.block_size, self.config.seed)
+                                   self.config.max_queue, self.config.max_prefill_tokens)
+        max_pages = -(-(self.max_model_len + self.block_size) // page_size)
+        self.runner = ModelRunner(model, self.pool, self.block_size,
+                                  max_requests=self.config.max_num_seqs,
+                                  max_pages_per_request=max_pages,
+                                  engine_seed=self.config.seed,
+                                  attention_backend=self.config.attention_backend,
+                                  cuda_graphs=self.config.cuda_graphs)
         self.stop_token_ids = frozenset(
             t for t in (model.config.eos_token_id, tokenizer.eot_token_id) if t is not None)
         self.stats = EngineStats()

@@ -1,196 +1,278 @@
-"""Turns a scheduled step into tensors, runs the model once per decoding mode, samples.
+"""Turns a scheduled step into device work, runs the model once per decoding mode, decides.
 
 Three ways to get the logits of each request's current block (see docs/ARCHITECTURE.md):
-- `cdlm`: block-causal with the exact KV cache. The pass carries the tokens to commit (the
-  prompt on a request's first pass, the just-completed block afterwards) followed by the current
-  block; the committed tokens' K/V are written to the pool in that same pass.
+- `cdlm`: block-causal with the exact KV cache, as one *packed* pass over every cached request
+  (cdlm.step_layout): prompt chunks, blocks being committed and current blocks, no padding
+  between requests, attention over the paged pool (cdlm.paged_attention). Per-request state
+  lives on the device (cdlm.request_states); the host uploads the step's integers in one copy
+  and reads back one tensor, the decisions. Steps without admissions have fixed shapes and are
+  replayed from captured CUDA graphs where available (cdlm.cuda_graphs).
 - `reference`: block-causal, recomputing prompt + completed blocks + block every step.
 - `bidirectional`: the teacher: prompt + the whole generation window, full attention.
+The reference and bidirectional modes run the same model with a dense mask.
 
 Dream predicts position i from hidden state i-1, so block position 0 comes from the last
-committed token. In `cdlm` mode that token is only in the pass that commits it; its logits are
-kept per request for the block's later steps.
+committed token: in `cdlm` mode its hidden state is kept per request on the device.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
-from cdlm.attention import CACHED_SEGMENT, block_causal_mask, sequence_segments
+from cdlm.attention import block_causal_mask, sequence_segments
 from cdlm.config import ModelConfig
 from cdlm.kv_cache import KVCachePool
-from cdlm.models.transformer import DiffusionLM, KVWrite
-from cdlm.sampler import predict_tokens, select_positions
+from cdlm.models.transformer import DiffusionLM
+from cdlm.paged_attention import PagedKV, SegmentTable, torch_groups
+from cdlm.request_states import RequestStates
+from cdlm.sampler import SamplingTensors, log_odds_threshold, noise_key, predict_tokens, \
+    select_positions
 from cdlm.scheduler import Sequence
+from cdlm.step_inputs import StepShape, StepTensors, flatten, upload
+from cdlm.step_layout import StepLayout, pack_step
 
-# Segment given to padding queries: they may look at every real key (their output is dropped),
-# which keeps softmax rows from being empty.
+logger = logging.getLogger(__name__)
+
+# Segment given to padding queries of a dense pass: they may look at every real key (their
+# output is dropped), which keeps softmax rows from being empty.
 _PAD_SEGMENT = 1 << 30
+
+Decisions = list[tuple[list[int], list[int]]]   # per sequence: (positions, tokens) finalised
 
 
 @dataclass
-class BlockLogits:
-    seqs: list[Sequence]
-    logits: torch.Tensor  # [batch, block, vocab]
+class PassStats:
+    """What the last packed pass computed (host-side counts, for benchmarks and metrics)."""
+
+    tokens: int = 0              # query tokens (no padding)
+    segments: int = 0
+    rows: int = 0
+    attended_pairs: int = 0      # sum over segments of q_len * kv_end
+    has_admission: bool = False
+    has_commit: bool = False
+    graph: bool = False          # replayed from a captured CUDA graph
+    wait_s: float = 0.0          # time blocked on the step's one device-to-host transfer
+
+
+def choose_attention_backend(requested: str, device: torch.device, head_dim: int) -> str:
+    """`auto`: the Triton kernel on CUDA when Triton imports and the head size suits it, else
+    plain torch. An explicit `triton` off CUDA is honoured only under the Triton interpreter
+    (tests)."""
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return "torch"
+    try:
+        from cdlm.kernels import paged_attention as kernel
+    except ImportError:
+        if requested == "triton":
+            raise
+        logger.warning("triton is not importable: attention runs on the plain-torch path")
+        return "torch"
+    usable = kernel.supports(head_dim) and (device.type == "cuda" or kernel.interpreted())
+    if requested == "triton" and not usable:
+        raise ValueError(f"the Triton attention kernel cannot run here (device {device}, head "
+                         f"size {head_dim}; off CUDA it needs TRITON_INTERPRET=1)")
+    return "triton" if usable else "torch"
 
 
 class ModelRunner:
     def __init__(self, model: DiffusionLM, pool: KVCachePool, block_size: int,
-                 engine_seed: int = 0) -> None:
+                 max_requests: int, max_pages_per_request: int, engine_seed: int = 0,
+                 attention_backend: str = "auto", cuda_graphs: bool = True) -> None:
         self.model = model
         self.config: ModelConfig = model.config
         self.pool = pool
         self.block_size = block_size
-        self.device = next(model.parameters()).device
-        self._first_logits: dict[str, torch.Tensor] = {}     # Dream, cdlm mode: [vocab]
-        self._generators: dict[str, torch.Generator] = {}
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.attention_backend = choose_attention_backend(attention_backend, self.device,
+                                                          self.config.head_dim)
+        self.scratch_slot = pool.scratch_pages[0] * pool.page_size
+        self.states = RequestStates(max_requests, block_size, max_pages_per_request,
+                                    self.config.hidden_size, self.config.mask_token_id,
+                                    pool.scratch_pages, self.dtype, self.device)
+        self._seeds: dict[str, int] = {}
         self._seed_source = torch.Generator().manual_seed(engine_seed)
+        self._staging = (torch.empty(1 << 16, dtype=torch.long, pin_memory=True)
+                         if self.device.type == "cuda" else None)
+        # Tests set this to read the block logits of the last group run (step_logits()).
+        self.keep_logits = False
+        self._kept_logits: torch.Tensor | None = None
+        self.last_pass = PassStats()
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and self.attention_backend == "triton":
+            from cdlm.cuda_graphs import StepGraphs
+            self.graphs = StepGraphs(self)
 
     # --- per-request state ------------------------------------------------------------------
     def release(self, seq_id: str) -> None:
-        self._first_logits.pop(seq_id, None)
-        self._generators.pop(seq_id, None)
+        self._seeds.pop(seq_id, None)
+        self.states.release(seq_id)
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.greedy:
-            return None
-        gen = self._generators.get(seq.seq_id)
-        if gen is None:
+    def _seed(self, seq: Sequence) -> int:
+        seed = self._seeds.get(seq.seq_id)
+        if seed is None:
             seed = seq.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            self._generators[seq.seq_id] = gen
-        return gen
+            self._seeds[seq.seq_id] = seed
+        return seed
+
+    def _noise_key(self, seq: Sequence) -> int:
+        return 0 if seq.params.greedy else noise_key(self._seed(seq), seq.steps)
 
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence]) -> list[tuple[list[int], list[int]]]:
+    def execute(self, seqs: list[Sequence]) -> Decisions:
         """Run one denoising step for every sequence; returns the (positions, tokens) decided."""
-        results: list[tuple[list[int], list[int]]] = [([], [])] * len(seqs)
-        for indices in self._forward_groups(seqs):
+        results: Decisions = [([], [])] * len(seqs)
+        by_mode: dict[str, list[int]] = {}
+        for index, seq in enumerate(seqs):
+            by_mode.setdefault(seq.mode, []).append(index)
+        for mode, indices in by_mode.items():
             group = [seqs[i] for i in indices]
-            logits = getattr(self, f"_logits_{group[0].mode}")(group)
-            for i, decided in zip(indices, self._decide(group, logits)):
+            run = self._dense_mode(mode) if mode != "cdlm" else self._execute_cdlm
+            for i, decided in zip(indices, run(group)):
                 results[i] = decided
         return results
 
-    def _forward_groups(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Which sequences share a forward pass. Modes never mix. On a GPU one pass per mode
-        (the step costs one read of the weights whatever the batch). On a CPU the cost is the
-        tokens computed, so cached rows run in up to three passes by kind instead of padding
-        everything to the widest: a block alone, a block after a committed block, and new
-        requests (prompt + block, padded only among themselves)."""
-        groups: dict[tuple[str, int], list[int]] = {}
-        split_kinds = self.device.type == "cpu"
-        for index, seq in enumerate(seqs):
-            kind = 0
-            if seq.mode == "cdlm" and split_kinds:
-                pending = seq.num_pending_commit
-                kind = 0 if pending == 0 else 1 if seq.num_cached >= seq.prompt_len else 2
-            groups.setdefault((seq.mode, kind), []).append(index)
-        return list(groups.values())
+    def _dense_mode(self, mode: str) -> Callable[[list[Sequence]], Decisions]:
+        logits_of = {"reference": self._logits_reference,
+                     "bidirectional": self._logits_bidirectional}[mode]
+        return lambda seqs: self._decide_dense(seqs, logits_of(seqs))
 
-    def _decide(self, seqs: list[Sequence], logits: torch.Tensor
-                ) -> list[tuple[list[int], list[int]]]:
+    # --- cdlm: packed pass over the paged pool ------------------------------------------------
+    def _execute_cdlm(self, seqs: list[Sequence]) -> Decisions:
+        for seq in seqs:
+            if seq.seq_id not in self.states:
+                self.states.admit(seq.seq_id, seq.pages, seq.params, seq.threshold)
+        slots = [self.states.slot(s.seq_id) for s in seqs]
+        layout = pack_step(seqs, slots, self.block_size, self.pool.page_size)
+        keys = [self._noise_key(s) for s in seqs]
+        sampling_flags = (any(not s.params.greedy for s in seqs),
+                          any(_filters(s) for s in seqs))
+        use_graph = (self.graphs is not None and self.graphs.enabled
+                     and not layout.has_admission and not self.keep_logits)
+        self.last_pass = PassStats(
+            tokens=layout.num_tokens, segments=len(layout.segments), rows=len(layout.rows),
+            attended_pairs=sum(s.q_len * s.kv_end for s in layout.segments),
+            has_admission=layout.has_admission, has_commit=layout.has_commit, graph=use_graph)
+        try:
+            if use_graph:
+                decided = self.graphs.run(layout, keys, sampling_flags)
+            else:
+                decided = self._run_eager(layout, keys, sampling_flags)
+        except Exception:
+            # The device may hold half of this step's updates: put the host's blocks back.
+            for seq in seqs:
+                self.states.restore_block(seq.seq_id, seq.block)
+            raise
+        return _to_lists(decided[:len(seqs)])
+
+    def _run_eager(self, layout: StepLayout, keys: list[int],
+                   sampling_flags: tuple[bool, bool]) -> np.ndarray:
+        shape = StepShape(layout.num_tokens, len(layout.segments), len(layout.rows))
+        host = flatten(layout, keys, shape, self.block_size, self.config.mask_token_id,
+                       self.scratch_slot, self.states.dummy_slot)
+        inputs = StepTensors.views(upload(host, self.device, self._staging), shape)
+        kv = self.paged_kv(inputs, layout)
+        decided = self.packed_step(inputs, kv, sampling_flags)
+        return self.download(decided)
+
+    def download(self, decided: torch.Tensor) -> np.ndarray:
+        """The step's one device-to-host transfer (and its one wait for the device)."""
+        start = time.perf_counter()
+        host = decided.cpu().numpy()
+        self.last_pass.wait_s = time.perf_counter() - start
+        return host
+
+    def paged_kv(self, inputs: StepTensors, layout: StepLayout | None) -> PagedKV:
+        """The pool access of one packed pass. The torch backend needs the host layout (it
+        groups requests by length); the fused kernel reads only the device segment table."""
+        kv = PagedKV(self.pool.k, self.pool.v, inputs.write_slots, self.pool.page_size,
+                     self.attention_backend)
+        if self.attention_backend == "triton":
+            kv.segments = SegmentTable(
+                q_start=inputs.seg_q_start, q_len=inputs.seg_q_len, kv_end=inputs.seg_kv_end,
+                table_row=inputs.seg_state_slot, page_table=self.states.page_table,
+                max_q_len=self.block_size)
+        else:
+            assert layout is not None
+            kv.groups = torch_groups(layout, self.states.page_table, self.pool.page_size,
+                                     self.scratch_slot, self.dtype)
+        return kv
+
+    def packed_step(self, inputs: StepTensors, kv: PagedKV,
+                    sampling_flags: tuple[bool, bool]) -> torch.Tensor:
+        """Device work of one packed step (no host syncs; capturable). Returns the decisions
+        [rows, block] int32: the finalised token, or -1 where nothing was finalised."""
+        states, bsz = self.states, self.block_size
+        mask_id = self.config.mask_token_id
+        rows = inputs.state_slot                                                # [rows]
+        block = torch.where(inputs.reset_block[:, None] > 0, mask_id, states.block[rows])
+        states.block.index_copy_(0, rows, block)                                # open blocks
+        flat_block = states.block.view(-1)
+        ids = torch.where(inputs.block_index >= 0, flat_block[inputs.block_index.clamp(min=0)],
+                          inputs.host_ids)                                      # [tokens]
+        hidden = self.model(ids[None], inputs.positions[None], None, kv)[0]    # [tokens, d]
+        offsets = torch.arange(bsz, device=ids.device)
+        if self.config.prediction_shift:
+            # Position 0 comes from the token before the block: in this pass (a commit) or
+            # the state saved by the pass that committed it.
+            ext = torch.cat((hidden, states.saved_hidden))                      # [tokens+S, d]
+            index = torch.cat((inputs.first_index[:, None],
+                               inputs.block_q_start[:, None] + offsets[None, :-1]), dim=1)
+            picked = ext[index]                                                 # [rows, bsz, d]
+            states.saved_hidden.index_copy_(0, rows, ext[inputs.first_index])
+        else:
+            picked = hidden[inputs.block_q_start[:, None] + offsets[None, :]]
+        logits = self.model.logits(picked)                                      # [rows, bsz, V]
+        if self.keep_logits:
+            self._kept_logits = logits
+        eligible = (block == mask_id) & (offsets[None, :] < inputs.block_limit[:, None])
+        sampling = SamplingTensors(
+            temperature=states.temperature[rows], top_p=states.top_p[rows],
+            top_k=states.top_k[rows], min_p=states.min_p[rows], noise_key=inputs.noise_key,
+            any_random=sampling_flags[0], any_filter=sampling_flags[1])
+        tokens, score = predict_tokens(logits, sampling)
+        chosen = select_positions(score, eligible, states.threshold[rows],
+                                  states.tokens_per_step[rows])
+        states.block.index_copy_(0, rows, torch.where(chosen, tokens, block))
+        return torch.where(chosen, tokens, -1).to(torch.int32)
+
+    # --- dense modes: the same model with a mask, state from the host --------------------------
+    def _decide_dense(self, seqs: list[Sequence], logits: torch.Tensor) -> Decisions:
         device = logits.device
         block = torch.tensor([s.block for s in seqs], device=device)               # [batch, block]
         limit = torch.tensor([s.block_limit for s in seqs], device=device)
         positions = torch.arange(self.block_size, device=device)
         eligible = (block == self.config.mask_token_id) & (positions[None, :] < limit[:, None])
-        tokens, confidence = predict_tokens(
-            logits, [s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
-            [self._generator(s) for s in seqs])
-        threshold = torch.tensor([s.threshold for s in seqs], device=device)
-        per_step = torch.tensor([s.params.tokens_per_step or 0 for s in seqs], device=device)
-        chosen = select_positions(confidence, eligible, threshold, per_step)
-        # The one host sync of the step: how many positions each row finalised, then which
-        # (row-major, so each row's positions ascend) and to what.
-        rows, cols = chosen.nonzero(as_tuple=True)
-        batch, total = len(seqs), len(rows)
-        flat = torch.cat((chosen.sum(dim=1), cols, tokens[rows, cols])).tolist()
-        positions, picked = flat[batch:batch + total], flat[batch + total:]
-        decided: list[tuple[list[int], list[int]]] = []
-        start = 0
-        for count in flat[:batch]:
-            decided.append((positions[start:start + count], picked[start:start + count]))
-            start += count
-        return decided
+        floats = torch.tensor([[0.0 if s.params.greedy else s.params.temperature,
+                                s.params.top_p, s.params.min_p,
+                                log_odds_threshold(s.threshold)] for s in seqs], device=device)
+        ints = torch.tensor([[s.params.top_k, s.params.tokens_per_step or 0,
+                              self._noise_key(s)] for s in seqs], device=device)
+        sampling = SamplingTensors(
+            temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], min_p=floats[:, 2],
+            noise_key=ints[:, 2], any_random=any(not s.params.greedy for s in seqs),
+            any_filter=any(_filters(s) for s in seqs))
+        tokens, score = predict_tokens(logits, sampling)
+        chosen = select_positions(score, eligible, floats[:, 3], ints[:, 1])
+        if self.keep_logits:
+            self._kept_logits = logits
+        return _to_lists(torch.where(chosen, tokens, -1).cpu().numpy())
 
-    # --- cdlm: block-causal + exact KV cache --------------------------------------------------
-    def _logits_cdlm(self, seqs: list[Sequence]) -> torch.Tensor:
-        device, bsz = self.device, self.block_size
-        commits = [s.pending_commit() for s in seqs]
-        commit_len = torch.tensor([len(c) for c in commits], device=device)         # [batch]
-        row_len = commit_len + bsz
-        width = int(row_len.max())
-        batch = len(seqs)
-        pad = self.config.mask_token_id
-        ids = torch.tensor([c + s.block + [pad] * (width - len(c) - bsz) for c, s in zip(commits, seqs)],
-                           dtype=torch.long, device=device)                          # [batch, width]
-        cached = torch.tensor([s.num_cached for s in seqs], device=device)          # [batch]
-        offsets = torch.arange(width, device=device)[None, :]                       # [1, width]
-        positions = cached[:, None] + offsets                                       # [batch, width]
-        is_real = offsets < row_len[:, None]
-        in_block = (offsets >= commit_len[:, None]) & is_real
-        query_segments = torch.where(is_real, in_block.long(), torch.full_like(positions, _PAD_SEGMENT))
-
-        page_table = self._page_table(seqs)
-        # Keys of row r: its cached prefix (slots of positions < cached[r], padded to the
-        # longest prefix), then its tokens of this pass. Padding reads slot 0, masked out.
-        prefix_len = int(cached.max())
-        prefix_pos = torch.arange(prefix_len, device=device)[None, :].expand(batch, -1)
-        prefix_valid = prefix_pos < cached[:, None]
-        safe_positions = torch.where(is_real, positions, cached[:, None])
-        new_slots = self.pool.slots(page_table, safe_positions)                     # [batch, width]
-        prefix_slots = self.pool.slots(page_table, torch.where(prefix_valid, prefix_pos, 0))
-        key_slots = torch.cat((prefix_slots, new_slots), dim=1)                     # [batch, keys]
-        key_segments = torch.cat((torch.full_like(prefix_pos, CACHED_SEGMENT), query_segments), 1)
-        key_valid = torch.cat((prefix_valid, is_real), dim=1)
-        mask = self._additive(block_causal_mask(query_segments, key_segments, key_valid))
-
-        write_rows = is_real.reshape(-1).nonzero(as_tuple=True)[0]                  # [n]
-        write_slots = new_slots.reshape(-1)[write_rows]
-        kv = KVWrite(self.pool.k, self.pool.v, write_rows, write_slots, key_slots)
-        hidden = self.model(ids, positions, mask, kv)                               # [batch, width, d]
-
-        shift = self.config.prediction_shift
-        gather = commit_len[:, None] - shift + torch.arange(bsz, device=device)[None, :]
-        logits = self._gather_logits(hidden, gather.clamp(min=0))                   # [batch, bsz, vocab]
-        if shift:
-            for r, seq in enumerate(seqs):
-                if commits[r]:
-                    self._first_logits[seq.seq_id] = logits[r, 0].clone()
-                else:
-                    logits[r, 0] = self._first_logits[seq.seq_id]
-        return logits
-
-    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
-        """Boolean mask -> additive bias in the model dtype, once per pass: the CPU attention
-        kernels run markedly faster with it than with a boolean mask."""
-        bias = torch.zeros(mask.shape, dtype=self.pool.k[0].dtype, device=mask.device)
-        return bias.masked_fill_(~mask, float("-inf"))
-
-    def _page_table(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(1, max(len(s.pages) for s in seqs))
-        table = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
-        return torch.tensor(table, dtype=torch.long, device=self.device)
-
-    def _gather_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """lm_head only where a prediction is needed. index [batch, block] into the seq axis."""
-        picked = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        return self.model.logits(picked)
-
-    # --- reference: block-causal, no cache ------------------------------------------------------
     def _logits_reference(self, seqs: list[Sequence]) -> torch.Tensor:
         rows = [s.known_tokens + s.block for s in seqs]
         segments = [sequence_segments(s.prompt_len, len(r), self.block_size) for s, r in zip(seqs, rows)]
         starts = [len(s.known_tokens) for s in seqs]
         return self._full_sequence_logits(rows, segments, starts)
 
-    # --- bidirectional teacher ------------------------------------------------------------------
     def _logits_bidirectional(self, seqs: list[Sequence]) -> torch.Tensor:
         rows, segments, starts = [], [], []
         for seq in seqs:
@@ -215,7 +297,31 @@ class ModelRunner:
             valid[r, :len(row)] = True
         ids, seg, valid = ids.to(device), seg.to(device), valid.to(device)
         positions = torch.arange(width, device=device)[None, :].expand(batch, -1)
-        hidden = self.model(ids, positions, self._additive(block_causal_mask(seg, seg, valid)))
+        mask = block_causal_mask(seg, seg, valid)
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill_(
+            ~mask, float("-inf"))   # CPU attention kernels run faster with an additive mask
+        hidden = self.model(ids, positions, bias)
         starts = torch.tensor(block_starts, device=device)[:, None]
         index = starts - self.config.prediction_shift + torch.arange(self.block_size, device=device)[None, :]
-        return self._gather_logits(hidden, index)
+        picked = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.model.logits(picked)
+
+    # --- test hook ----------------------------------------------------------------------------
+    def step_logits(self) -> torch.Tensor:
+        """[rows, block, vocab] logits of the last group run with `keep_logits` set."""
+        assert self._kept_logits is not None, "set keep_logits before the step"
+        return self._kept_logits
+
+
+def _filters(seq: Sequence) -> bool:
+    p = seq.params
+    return not p.greedy and (p.top_p < 1.0 or p.top_k > 0 or p.min_p > 0.0)
+
+
+def _to_lists(decided: np.ndarray) -> Decisions:
+    """[rows, block] token-or-minus-one -> per row (ascending positions, tokens)."""
+    out: Decisions = []
+    for row in decided:
+        positions = np.flatnonzero(row >= 0)
+        out.append((positions.tolist(), row[positions].tolist()))
+    return out

@@ -5,6 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, the Triton kernels run under Triton's CPU interpreter (tests/test_paged_attention).
+# It must be chosen before anything imports triton: its own library functions are compiled or
+# interpreted at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))
 # Keep the suite's own threads modest on the 2-core CI machine.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -121,26 +121,44 @@ def test_queue_full(tiny_llada):
         engine.add_request("q2", "b", SamplingParams(max_tokens=4))
 
 
-def test_a_fault_in_one_request_fails_only_that_request(tiny_llada):
-    engine = LLMEngine.from_pretrained(str(tiny_llada[0]))
-    original = engine.runner._logits_cdlm
-
-    def faulty(seqs):  # fault injection: one poisoned request breaks any pass it is in
-        if any(s.seq_id == "bad" for s in seqs):
-            raise RuntimeError("injected fault")
-        return original(seqs)
-
-    engine.runner._logits_cdlm = faulty
-    for rid in ("good1", "bad", "good2"):
-        engine.add_request(rid, "hello", SamplingParams(max_tokens=8, temperature=0))
+def _run_all(engine: LLMEngine) -> dict:
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 results[out.request_id] = out
+    return results
+
+
+def test_a_fault_in_one_request_fails_only_that_request(tiny_llada):
+    """The fault strikes after the packed step has updated the device-resident state (blocks
+    reset and decided): the engine isolates the bad request and the others decode exactly as
+    in a run without the fault."""
+    params = SamplingParams(max_tokens=20, temperature=0)
+    clean = LLMEngine.from_pretrained(str(tiny_llada[0]))
+    for rid in ("good1", "good2"):
+        clean.add_request(rid, "hello" if rid == "good1" else "other", params)
+    expected = _run_all(clean)
+
+    engine = LLMEngine.from_pretrained(str(tiny_llada[0]))
+    runner = engine.runner
+    original = runner.packed_step
+
+    def faulty(inputs, kv, flags):  # fault injection: a poisoned request breaks any pass it is in
+        decided = original(inputs, kv, flags)
+        if "bad" in runner.states and runner.states.slot("bad") in inputs.state_slot.tolist():
+            raise RuntimeError("injected fault")
+        return decided
+
+    runner.packed_step = faulty
+    for rid, prompt in (("good1", "hello"), ("bad", "hello"), ("good2", "other")):
+        engine.add_request(rid, prompt, params)
+    results = _run_all(engine)
     assert results["bad"].finish_reason == "error" and results["bad"].error
-    assert results["good1"].finish_reason in ("stop", "length") and results["good1"].error is None
-    assert results["good2"].error is None
+    for rid in ("good1", "good2"):
+        assert results[rid].error is None
+        assert results[rid].token_ids == expected[rid].token_ids
+        assert results[rid].steps == expected[rid].steps
     assert engine.stats.kv_cache_usage == 0
 
 

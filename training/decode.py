@@ -21,7 +21,7 @@ import torch
 
 from cdlm.attention import block_causal_mask
 from cdlm.models.transformer import DiffusionLM
-from cdlm.sampler import predict_tokens, select_positions
+from cdlm.sampler import SamplingTensors, log_odds_threshold, predict_tokens, select_positions
 
 
 @dataclass
@@ -73,10 +73,10 @@ def decode_bidirectional(model: DiffusionLM, prompts: list[list[int]], gen_len: 
             index = (cols[rows] - cfg.prediction_shift)[:, :, None].expand(-1, -1, h.shape[-1])
             h_block = h.gather(1, index)                                         # [n, B, d]
             logits = model.logits(h_block)
-            tok, conf = predict_tokens(logits, [0.0] * len(rows), [1.0] * len(rows),
-                                       [None] * len(rows))
+            tok, conf = predict_tokens(logits, SamplingTensors.greedy(len(rows), device))
             chosen = select_positions(
-                conf, eligible[rows], torch.full((len(rows),), threshold, device=device),
+                conf, eligible[rows],
+                torch.full((len(rows),), log_odds_threshold(threshold), device=device),
                 torch.full((len(rows),), tokens_per_step, device=device, dtype=torch.long))
             num_steps[rows] += 1
             _apply(ids, steps, hidden_out, limit, rows, cols, chosen, tok, h_block,

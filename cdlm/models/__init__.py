@@ -1,3 +1,3 @@
-from cdlm.models.transformer import DiffusionLM, KVWrite
+from cdlm.models.transformer import DiffusionLM
 
-__all__ = ["DiffusionLM", "KVWrite"]
+__all__ = ["DiffusionLM"]

@@ -13,6 +13,7 @@ renaming and a peft adapter's module paths match ours:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 
 from cdlm.attention import attend
 from cdlm.config import ModelConfig
+from cdlm.paged_attention import PagedKV
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +33,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
@@ -62,23 +68,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32:
     return x * cos + _rotate_half(x) * sin
 
 
-@dataclass
-class KVWrite:
-    """How one forward pass talks to the paged KV pool (see cdlm.kv_cache).
+def gated_silu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
-    write_rows / write_slots: [n] flat token indices (into batch*seq) of every real token in the
-        pass and the pool slots they go to. Committed tokens get their final K/V; the current
-        block's masked tokens are scratch, read only within this pass and overwritten by the
-        pass that commits the block, before anything reads them as cached prefix.
-    key_slots: [batch, keys] the slots each row attends to: its cached prefix, then its tokens
-        of this pass (padding points anywhere; the mask hides it). One gather, no concatenation.
-    """
 
-    pool_k: list[torch.Tensor]   # per layer [num_slots, kv_heads, head_dim]
-    pool_v: list[torch.Tensor]
-    write_rows: torch.Tensor
-    write_slots: torch.Tensor
-    key_slots: torch.Tensor
+@dataclass(frozen=True)
+class LayerOps:
+    """The elementwise pieces of a layer. Eager by default; `compiled()` fuses each into one
+    kernel with torch.compile (a dozen launches fewer per layer, which matters on a GPU at
+    small batch). The matmuls and attention stay outside, so nothing here breaks a graph."""
+
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+    rotary: Callable[..., torch.Tensor] = None  # type: ignore[assignment]
+    mlp_gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = gated_silu
+
+    def __post_init__(self) -> None:
+        if self.rotary is None:
+            object.__setattr__(self, "rotary", apply_rotary)
+
+    @classmethod
+    def compiled(cls) -> "LayerOps":
+        def fuse(fn: Callable) -> Callable:
+            return torch.compile(fn, dynamic=True, fullgraph=True)
+        return cls(norm=fuse(rms_norm), rotary=fuse(apply_rotary), mlp_gate=fuse(gated_silu))
 
 
 class _Attention(nn.Module):
@@ -127,41 +139,29 @@ class TransformerBlock(nn.Module):
     def down(self) -> nn.Module: raise NotImplementedError
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, layer_idx: int, kv: KVWrite | None) -> torch.Tensor:
-        x = x + self._attention(self.attn_norm_module(x), cos, sin, mask, layer_idx, kv)
-        h = self.mlp_norm_module(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+                mask: torch.Tensor | None, layer_idx: int, kv: PagedKV | None,
+                ops: LayerOps) -> torch.Tensor:
+        attn_norm, mlp_norm = self.attn_norm_module, self.mlp_norm_module
+        h = ops.norm(x, attn_norm.weight, attn_norm.eps)
+        x = x + self._attention(h, cos, sin, mask, layer_idx, kv, ops)
+        h = ops.norm(x, mlp_norm.weight, mlp_norm.eps)
+        return x + self.down(ops.mlp_gate(self.gate(h), self.up(h)))
 
     def _attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | None, layer_idx: int, kv: KVWrite | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, layer_idx: int, kv: PagedKV | None,
+                   ops: LayerOps) -> torch.Tensor:
         cfg = self.config
         batch, seq, _ = h.shape
         q = self.q(h).view(batch, seq, cfg.num_heads, cfg.head_dim)
         k = self.k(h).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(h).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rotary(q, cos, sin, cfg.rope_rotation_in_fp32)
-        k = apply_rotary(k, cos, sin, cfg.rope_rotation_in_fp32)
-        if kv is not None:
-            k, v = _with_cache(k, v, kv, layer_idx)
+        q = ops.rotary(q, cos, sin, cfg.rope_rotation_in_fp32)
+        k = ops.rotary(k, cos, sin, cfg.rope_rotation_in_fp32)
+        if kv is not None:   # a packed pass: batch 1, every token of the step in a row
+            out = kv.attend(q[0], k[0], v[0], layer_idx)                  # [tokens, heads, hd]
+            return self.o(out.reshape(batch, seq, cfg.hidden_size))
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o(out.transpose(1, 2).reshape(batch, seq, cfg.hidden_size))
-
-
-def _with_cache(k: torch.Tensor, v: torch.Tensor, kv: KVWrite, layer_idx: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store this pass's K/V in the pool, then read each row's keys (prefix + this pass)."""
-    pool_k, pool_v = kv.pool_k[layer_idx], kv.pool_v[layer_idx]
-    flat_k = k.reshape(-1, *k.shape[2:])                      # [batch*seq, kv_heads, hd]
-    flat_v = v.reshape(-1, *v.shape[2:])
-    pool_k.index_copy_(0, kv.write_slots, flat_k.index_select(0, kv.write_rows))
-    pool_v.index_copy_(0, kv.write_slots, flat_v.index_select(0, kv.write_rows))
-    # index_select on a [slots, kv_heads*hd] view: several times faster than advanced
-    # indexing on CPU, and a plain gather on CUDA.
-    shape = (*kv.key_slots.shape, *k.shape[2:])               # [batch, keys, kv_heads, hd]
-    flat_slots = kv.key_slots.reshape(-1)
-    keys = pool_k.view(pool_k.shape[0], -1).index_select(0, flat_slots).view(shape)
-    values = pool_v.view(pool_v.shape[0], -1).index_select(0, flat_slots).view(shape)
-    return keys, values
 
 
 class LLaDABlock(TransformerBlock):
@@ -237,12 +237,17 @@ class DiffusionLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.layer_ops = LayerOps()
         if config.family == "llada":
             self.model = _LLaDABackbone(config)
         else:
             self.model = _DreamBackbone(config)
             if not config.tie_word_embeddings:
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def compile_layer_ops(self) -> None:
+        """Fuse each layer's elementwise work (norms, rotary, gated SiLU) with torch.compile."""
+        self.layer_ops = LayerOps.compiled()
 
     # --- family-neutral accessors -----------------------------------------------------------
     @property
@@ -268,16 +273,19 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,                   # [batch, seq]
         positions: torch.Tensor | None = None,     # [batch, seq]; default 0..seq-1
-        attention_mask: torch.Tensor | None = None,  # [batch, 1, seq, keys] bool; None = full
-        kv: KVWrite | None = None,
+        attention_mask: torch.Tensor | None = None,  # [batch, 1, seq, keys] bool/additive; None = full
+        kv: PagedKV | None = None,                 # a packed pass over the paged pool (batch 1)
     ) -> torch.Tensor:
-        """Final-normed hidden states [batch, seq, hidden]. Logits: `self.logits(hidden)`."""
+        """Final-normed hidden states [batch, seq, hidden]. Logits: `self.logits(hidden)`.
+
+        Dense passes (training, the reference and teacher modes) attend under
+        `attention_mask`; a packed pass attends through `kv` (cdlm.paged_attention)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         for layer_idx, block in enumerate(self.layers):
-            x = block(x, cos, sin, attention_mask, layer_idx, kv)
+            x = block(x, cos, sin, attention_mask, layer_idx, kv, self.layer_ops)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
