@@ -4,14 +4,17 @@
 
 Regenerates the small world's test prompts from their seeds (no data files needed), then runs
 `training.evaluate` on `cdlm/assets/default` (teacher + CDLM student) through `cdlm.LLM`,
-batch 1, with the world preset's eval settings (threshold, student sweep): naive teacher,
-teacher + threshold, teacher at the student's step budget, CDLM student. Writes table_world.json and table_world.md into --out.
+batch 1, with the world preset's eval settings at the bundled student's threshold (the one
+chosen on validation when it was built, from the bundled table.json): both naive teachers,
+teacher + threshold (0.9 and the student's), teacher at the student's step budget, CDLM
+student. Writes table_world.json and table_world.md into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -41,7 +44,9 @@ def main() -> None:
             write_jsonl(path, [p.to_json() for p in generate(family, "test",
                                                                  world.test_per_family, seed=0)])
             tests[family] = path
-        cfg = dataclasses.replace(world.eval, gen_len=world.teacher.gen_len, limit=args.limit)
+        bundled = json.loads((assets / "table.json").read_text())["config"]
+        cfg = dataclasses.replace(world.eval, gen_len=world.teacher.gen_len, limit=args.limit,
+                                  threshold=bundled["threshold"])
         report = evaluate(assets / "teacher", assets / "student", tests, Path(tmp) / "eval", cfg)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,9 @@ def cmd_teacher(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_pretrained(root / "tokenizer")
     eval_fn = None
     if args.eval_every:
-        eval_fn = probe({f: data_path(root, f, "test") for f in FAMILIES}, tokenizer,
-                        args.eval_n, cfg.gen_len, cfg.block_size)
+        # Probed on validation (never test): the naive policy and the training-free threshold rule.
+        eval_fn = probe({f: data_path(root, f, "val") for f in FAMILIES}, tokenizer,
+                        args.eval_n, cfg.gen_len, cfg.block_size, ks=(1,), thresholds=(0.9,))
     out = train_teacher([data_path(root, f, "train") for f in FAMILIES], root / "tokenizer",
                         Path(args.out), cfg, eval_fn, args.eval_every)
     print(out)
@@ -149,6 +150,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(markdown_table(report))
 
 
+def cmd_choose_threshold(args: argparse.Namespace) -> None:
+    from training.evaluate_threshold import ChoiceConfig, choose_threshold
+    cfg = _dataclass_from_args(ChoiceConfig, args)
+    vals = dict(spec.split("=", 1) for spec in args.val)
+    print(choose_threshold(Path(args.teacher), Path(args.student),
+                           {k: Path(v) for k, v in vals.items()}, Path(args.out), cfg))
+
+
 def cmd_world(args: argparse.Namespace) -> None:
     from training.world.pipeline import WorldConfig, run_world
     run_world(Path(args.out), WorldConfig.preset(args.preset))
@@ -165,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     from training.collect import CollectConfig
     from training.distill import DistillConfig
     from training.evaluate import EvalConfig
+    from training.evaluate_threshold import ChoiceConfig
     from training.teacher import TeacherConfig
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
@@ -222,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_dataclass_args(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("choose-threshold", help="the student's threshold, chosen on a "
+                       "validation split (never the test split)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True, help="LoRA adapter directory")
+    p.add_argument("--val", required=True, nargs="+", help="family=path.jsonl ...")
+    p.add_argument("--out", required=True, help="JSON file: measurements and the choice")
+    _add_dataclass_args(p, ChoiceConfig)
+    p.set_defaults(func=cmd_choose_threshold)
 
     p = sub.add_parser("world", help="regenerate the whole small world, every stage resumable")
     p.add_argument("--out", default="runs/world")

@@ -1,4 +1,5 @@
-"""A fast accuracy probe used while training (the real table is `training.evaluate`)."""
+"""A fast accuracy probe used while training and for world-design experiments (the real table
+is `training.evaluate`): batched greedy block-wise decoding of a bidirectional model."""
 
 from __future__ import annotations
 
@@ -15,25 +16,38 @@ from training.world.tasks import final_answer
 
 
 def naive_accuracy(model: DiffusionLM, tokenizer: Tokenizer, rows: list[dict], gen_len: int,
-                   block_size: int, tokens_per_step: int = 1) -> dict:
-    """Accuracy and mean steps of block-wise decoding with k tokens per step (greedy)."""
+                   block_size: int, tokens_per_step: int = 1, threshold: float = 1.0) -> dict:
+    """Accuracy, mean steps and tokens per step of block-wise decoding: k tokens per step, or
+    the threshold rule when tokens_per_step is 0 (greedy)."""
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     stop = {model.config.eos_token_id, tokenizer.eot_token_id} - {None}
-    res = decode_bidirectional(model, prompts, gen_len, block_size, stop, tokens_per_step)
-    correct = 0
+    res = decode_bidirectional(model, prompts, gen_len, block_size, stop, tokens_per_step,
+                               threshold)
+    correct, decided = 0, 0
     for r, toks in zip(rows, res.tokens.tolist()):
-        text = tokenizer.decode([t for t in toks if t != model.config.mask_token_id])
-        correct += final_answer(text) == r["result"]
-    return {"acc": correct / max(1, len(rows)), "steps": float(res.num_steps.float().mean())}
+        kept = [t for t in toks if t != model.config.mask_token_id]
+        decided += len(kept)
+        correct += final_answer(tokenizer.decode(kept)) == r["result"]
+    steps = float(res.num_steps.float().sum())
+    return {"acc": correct / max(1, len(rows)), "steps": steps / max(1, len(rows)),
+            "tokens_per_step": decided / max(1.0, steps)}
 
 
 def probe(test_files: dict[str, Path], tokenizer: Tokenizer, n: int, gen_len: int,
-          block_size: int, ks: tuple[int, ...] = (1,)):
-    """A closure for train_teacher's eval hook: per family and k, accuracy on n test prompts."""
+          block_size: int, ks: tuple[int, ...] = (1,), thresholds: tuple[float, ...] = ()):
+    """A closure for train_teacher's eval hook: per family, accuracy on n prompts at each k
+    tokens per step and each threshold."""
     sets = {fam: read_jsonl(path)[:n] for fam, path in test_files.items()}
 
     def run(model: DiffusionLM) -> dict:
+        out = {}
         with torch.no_grad():
-            return {f"{fam}@k{k}": naive_accuracy(model, tokenizer, rows, gen_len, block_size, k)
-                    for fam, rows in sets.items() for k in ks}
+            for fam, rows in sets.items():
+                for k in ks:
+                    out[f"{fam}@k{k}"] = naive_accuracy(model, tokenizer, rows, gen_len,
+                                                        block_size, k)
+                for t in thresholds:
+                    out[f"{fam}@t{t}"] = naive_accuracy(model, tokenizer, rows, gen_len,
+                                                        block_size, 0, t)
+        return out
     return run
