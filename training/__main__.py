@@ -270,7 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, with a stage's `--preset` values as the defaults of its flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "preset", None):
+    # `world --preset` names a world size, not a real family's recipe: only the stages that
+    # registered themselves take recipe presets.
+    if getattr(args, "preset", None) and args.command in args.stage_parsers:
         from training.presets import preset_defaults
         args.stage_parsers[args.command].set_defaults(**preset_defaults(args.preset,
                                                                         args.command))

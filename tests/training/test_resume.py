@@ -184,7 +184,7 @@ def test_rerunning_finished_stages_on_a_read_only_output_does_nothing(micro_worl
                              ro / "teacher", cfg) == teacher
         # The same arguments as the run that made it (the index records the teacher's path).
         collected = run(["collect", "--model", str(root / "teacher" / "model"), "--prompts",
-                         str(ro / "data" / "collect.jsonl"), "--out", str(ro / "trajectories"),
+                         str(ro / "data" / "collect-answer.jsonl"), "--out", str(ro / "trajectories"),
                          "--batch-size", "4", "--chunk-size", "4", "--device", "cpu"])
         assert "complete=True" in collected.stdout
         distilled = run(["distill", "--base", str(teacher), "--trajectories",
