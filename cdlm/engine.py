@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cdlm.block_manager import BlockManager
+from cdlm.page_allocator import PageAllocator
 from cdlm.config import DECODING_MODES, DEFAULT_THRESHOLD, EngineConfig
 from cdlm.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from cdlm.kv_cache import KVCachePool
@@ -21,7 +21,8 @@ from cdlm.models.loader import load_model, resolve_device, resolve_model_path
 from cdlm.models.transformer import DiffusionLM
 from cdlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cdlm.sampling_params import SamplingParams
-from cdlm.scheduler import Scheduler, Sequence
+from cdlm.scheduler import Scheduler
+from cdlm.sequence import Sequence
 from cdlm.tokenizer import Tokenizer
 
 __all__ = ["LLMEngine", "NewRequest", "QueueFullError", "EngineStats", "StepStats"]
@@ -102,7 +103,7 @@ class LLMEngine:
         num_pages = self._kv_pages(page_size)
         self.pool = KVCachePool(model.config, num_pages, page_size, self.dtype, self.device,
                                 self.block_size)
-        self.scheduler = Scheduler(BlockManager(num_pages, page_size), self.config.max_num_seqs,
+        self.scheduler = Scheduler(PageAllocator(num_pages, page_size), self.config.max_num_seqs,
                                    self.config.max_queue, self.config.max_prefill_tokens)
         max_pages = -(-(self.max_model_len + self.block_size) // page_size)
         self.runner = ModelRunner(model, self.pool, self.block_size,
@@ -338,4 +339,4 @@ class LLMEngine:
     def _refresh_gauges(self) -> None:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
-        self.stats.kv_cache_usage = self.scheduler.block_manager.usage
+        self.stats.kv_cache_usage = self.scheduler.page_allocator.usage

@@ -1,6 +1,6 @@
 """The paged KV pool: per layer one tensor of token slots, addressed through page tables.
 
-Pages `0 .. num_pages-1` belong to the page allocator (cdlm.block_manager). A few scratch pages
+Pages `0 .. num_pages-1` belong to the page allocator (cdlm.page_allocator). A few scratch pages
 after them belong to no request: padding tokens of a fixed-shape (graph-captured) step write
 their K/V there and padding segments read from there, so padding never touches a request.
 """

@@ -33,7 +33,7 @@ from cdlm.paged_attention import PagedKV, SegmentTable, torch_groups
 from cdlm.request_states import RequestStates, integer_settings
 from cdlm.sampler import SamplingTensors, log_odds_threshold, noise_key, predict_tokens, \
     select_positions
-from cdlm.scheduler import Sequence
+from cdlm.sequence import Sequence
 from cdlm.step_inputs import StepFlags, StepShape, StepTensors, flatten, upload
 from cdlm.step_layout import StepLayout, pack_step
 

@@ -111,7 +111,7 @@ def test_cached_equals_reference_stepwise(family, threshold, temperature, tiny_l
     assert len(pairs) == 6
     _assert_same(pairs)
     assert any(c.num_blocks >= 2 for c, _ in pairs), "must cross block boundaries"
-    assert engine.scheduler.block_manager.usage == 0.0
+    assert engine.scheduler.page_allocator.usage == 0.0
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -133,7 +133,7 @@ def test_mixed_steps_with_arrivals_commits_finishes_and_aborts(family, page_size
     _assert_same(pairs)
     assert any({"admission", "commit", "plain"} <= k for k in kinds), kinds
     assert aborted, "an abort must land while its request runs"
-    assert engine.scheduler.block_manager.usage == 0.0
+    assert engine.scheduler.page_allocator.usage == 0.0
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

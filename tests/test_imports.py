@@ -72,6 +72,6 @@ def test_no_import_cycles():
 
 
 def test_scheduling_core_imports_without_torch():
-    code = ("import sys, cdlm.scheduler, cdlm.block_manager, cdlm.step_layout, "
+    code = ("import sys, cdlm.scheduler, cdlm.sequence, cdlm.page_allocator, cdlm.step_layout, "
             "cdlm.sampling_params; sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

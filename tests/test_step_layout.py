@@ -56,6 +56,6 @@ def test_segments_tile_the_pass_and_never_exceed_a_block(prompt_len):
 def test_layout_imports_no_torch():
     import subprocess
     import sys
-    code = ("import sys, cdlm.step_layout, cdlm.scheduler, cdlm.block_manager; "
+    code = ("import sys, cdlm.step_layout, cdlm.scheduler, cdlm.page_allocator; "
             "sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

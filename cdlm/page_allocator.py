@@ -14,7 +14,7 @@ class OutOfPagesError(RuntimeError):
     pass
 
 
-class BlockManager:
+class PageAllocator:
     def __init__(self, num_pages: int, page_size: int) -> None:
         if num_pages <= 0 or page_size <= 0:
             raise ValueError("num_pages and page_size must be positive")
