@@ -27,7 +27,7 @@ serve: setup
 	$(BIN)/cdlm serve
 
 # Regenerate the small world end to end (data, teacher, trajectories, student, table);
-# every stage resumes when rerun. About 25 minutes on 2 free CPU cores.
+# every stage resumes when rerun. About 35 minutes on 2 CPU cores (docs/training.md).
 world: setup
 	$(BIN)/python -m training world --out runs/world
 
