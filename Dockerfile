@@ -47,8 +47,6 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 WORKDIR /opt/cdlm
 COPY pyproject.toml README.md ./
 COPY cdlm ./cdlm
-COPY server ./server
-COPY training ./training
 RUN pip install --no-cache-dir . \
  && cdlm --help >/dev/null
 
@@ -70,7 +68,7 @@ ENV HF_HOME=/data/hf \
 # train: the offline pipeline (trajectory collection, distillation) under accelerate/torchrun.
 #   docker run --gpus all --ipc=host -v cdlm-data:/data cdlm:train \
 #     accelerate launch --config_file /opt/cdlm/deploy/training/accelerate_4gpu.yaml \
-#       -m training distill --base TEACHER --trajectories /data/traj --out /data/student
+#       -m cdlm.training distill --base TEACHER --trajectories /data/traj --out /data/student
 # ---------------------------------------------------------------------------------------------
 FROM base AS train
 COPY deploy/training /opt/cdlm/deploy/training
@@ -80,7 +78,7 @@ USER 10001:10001
 WORKDIR /home/cdlm
 VOLUME ["/data"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["python", "-m", "training", "--help"]
+CMD ["python", "-m", "cdlm.training", "--help"]
 
 # ---------------------------------------------------------------------------------------------
 # server (default target): `cdlm serve`, OpenAI-compatible API + /health + /metrics on :8000.

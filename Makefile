@@ -29,7 +29,7 @@ serve: setup
 # Regenerate the small world end to end (data, teacher, trajectories, student, table);
 # every stage resumes when rerun. About 35 minutes on 2 CPU cores (docs/training.md).
 world: setup
-	$(BIN)/python -m training world --out runs/world
+	$(BIN)/python -m cdlm.training world --out runs/world
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ For each adapter (on the world's teacher) and threshold: exact-answer accuracy a
 per request on the world's held-out test problems, greedy, through `cdlm.LLM` with the cached
 (`cdlm`) path. Requests are batched: greedy outputs are batch-invariant (tests/test_exactness.py
 checks batched == one by one), so this measures accuracy and steps only, not latency (the
-batch-1 latency table is `python -m training eval`). `--naive` adds a row per adapter at one
+batch-1 latency table is `python -m cdlm.training eval`). `--naive` adds a row per adapter at one
 token per step, the student's accuracy with no parallel finalisation; the adapter `none` is the
 teacher's weights under the block-causal mask (the student before training).
 """
@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 
 from cdlm import LLM, SamplingParams
-from training.data import chat_prompt_ids
-from training.io_utils import read_jsonl
-from training.world.tasks import FAMILIES, final_answer
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.io_utils import read_jsonl
+from cdlm.training.world.tasks import FAMILIES, final_answer
 
 
 def score(llm: LLM, rows: list[dict], params: SamplingParams) -> tuple[float, float]:
@@ -33,7 +33,7 @@ def score(llm: LLM, rows: list[dict], params: SamplingParams) -> tuple[float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", required=True, help="a `python -m training world` directory")
+    ap.add_argument("--world", required=True, help="a `python -m cdlm.training world` directory")
     ap.add_argument("--thresholds", default="0.9,0.95,0.97,0.99")
     ap.add_argument("--naive", action="store_true", help="also one token per step")
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.evaluate import evaluate, markdown_table  # noqa: E402
-from training.io_utils import write_jsonl  # noqa: E402
-from training.world.pipeline import WorldConfig  # noqa: E402
-from training.world.tasks import FAMILIES, generate  # noqa: E402
+from cdlm.training.evaluate import evaluate, markdown_table  # noqa: E402
+from cdlm.training.io_utils import write_jsonl  # noqa: E402
+from cdlm.training.world.pipeline import WorldConfig  # noqa: E402
+from cdlm.training.world.tasks import FAMILIES, generate  # noqa: E402
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 from cdlm import LLM, SamplingParams
-from training.data import chat_prompt_ids
-from training.world.tasks import FAMILIES, final_answer, generate
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.world.tasks import FAMILIES, final_answer, generate
 
 TEMPERATURES = (0.0, 1e-9, 1e-3, 0.1, 0.3, 0.5, 0.7, 1.0)
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     try:
-        from server.cli import add_serve_arguments
+        from cdlm.server.cli import add_serve_arguments
     except ImportError:  # the server package is optional for the offline engine
         add_serve_arguments = None
     if add_serve_arguments is not None:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "serve":
-        from server.cli import exit_process, run_serve
+        from cdlm.server.cli import exit_process, run_serve
         exit_process(run_serve(args))   # no interpreter teardown: exits promptly on SIGTERM
     return 2
 

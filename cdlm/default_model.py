@@ -1,7 +1,7 @@
 """The bundled default model: what `LLM()` and `cdlm serve` use when no model is given.
 
 It is the trained small-world student shipped in `cdlm/assets/default/`: a LLaDA-layout teacher
-plus the CDLM LoRA student, rebuilt by `python -m training world` + `export-default`. The byte-level
+plus the CDLM LoRA student, rebuilt by `python -m cdlm.training world` + `export-default`. The byte-level
 tokenizer below is what tests and benchmarks use for their own tiny checkpoints.
 """
 
@@ -27,8 +27,8 @@ def default_model() -> tuple[str, str | None]:
     if not (teacher / "config.json").exists():
         raise FileNotFoundError(
             f"the bundled default model is missing from {ASSETS} (an install without package "
-            "data?): pass a model directory or hub id, or rebuild it with `python -m training "
-            "world` and `python -m training export-default`")
+            "data?): pass a model directory or hub id, or rebuild it with `python -m cdlm.training "
+            "world` and `python -m cdlm.training export-default`")
     return str(teacher), str(student) if (student / "adapter_config.json").exists() else None
 
 

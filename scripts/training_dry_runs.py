@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 
 from real_configs import write_real_config  # noqa: E402
-from training.__main__ import main  # noqa: E402
+from cdlm.training.__main__ import main  # noqa: E402
 
 RUNS = [  # (preset, trajectories: the paper's prompt counts, extra flags)
     ("dream-7b", 7500, []),
@@ -33,7 +33,7 @@ def run_all() -> None:
             argv = ["distill", "--base", str(base), "--trajectories", str(Path(tmp) / "none"),
                     "--out", str(Path(tmp) / "out"), "--preset", preset, "--dry-run",
                     "--processes", "4", "--assume-trajectories", str(count), *extra]
-            print("$ python -m training " + " ".join(
+            print("$ python -m cdlm.training " + " ".join(
                 a if not a.startswith(tmp) else a.replace(tmp, "$CFG") for a in argv))
             main(argv)
             print()

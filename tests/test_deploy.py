@@ -88,7 +88,7 @@ def exposed_sample_names(families: dict[str, str]) -> set[str]:
 def server_registry_sample_names() -> set[str] | None:
     """Sample names of the server's real metrics registry, or None if server/ is not there."""
     try:
-        from server.metrics import ServerMetrics
+        from cdlm.server.metrics import ServerMetrics
     except ImportError:
         return None
     from prometheus_client.parser import text_string_to_metric_families
@@ -576,11 +576,11 @@ def training_jobs() -> dict[str, dict]:
 
 
 def job_cli(job: dict) -> tuple[list[str], list[str]]:
-    """(launcher part, `python -m training` argv) of a Job's single container."""
+    """(launcher part, `python -m cdlm.training` argv) of a Job's single container."""
     (c,) = job["spec"]["template"]["spec"]["containers"]
     cmd = c["command"] + c.get("args", [])
     m = cmd.index("-m")
-    assert cmd[m + 1] == "training"
+    assert cmd[m + 1] == "cdlm.training"
     return cmd[:m], cmd[m + 2:]
 
 
@@ -600,7 +600,7 @@ def test_training_jobs_render_with_4_gpus_and_the_pipeline_commands():
         assert pod["restartPolicy"] == "Never"
         (c,) = pod["containers"]
         launcher, argv = job_cli(job)
-        # accelerate launch --config_file <config baked into the train image> -m training <stage>
+        # accelerate launch --config_file <config baked into the train image> -m cdlm.training <stage>
         assert launcher[:2] == ["accelerate", "launch"]
         cfg_path = flag(launcher, "--config_file")
         assert cfg_path.startswith(image_copy.group(1) + "/")
@@ -628,9 +628,9 @@ def test_training_jobs_render_with_4_gpus_and_the_pipeline_commands():
 
 
 def test_training_job_args_parse_with_the_training_cli():
-    """The Jobs' arguments are accepted by the real `python -m training` parser."""
+    """The Jobs' arguments are accepted by the real `python -m cdlm.training` parser."""
     try:
-        from training.__main__ import build_parser
+        from cdlm.training.__main__ import build_parser
     except ImportError as exc:
         pytest.skip(f"training CLI not importable: {exc}")
     jobs, _ = training_jobs()
@@ -639,7 +639,7 @@ def test_training_job_args_parse_with_the_training_cli():
         try:
             build_parser().parse_args(argv)
         except SystemExit as exc:
-            raise AssertionError(f"`python -m training {' '.join(argv)}` is rejected") from exc
+            raise AssertionError(f"`python -m cdlm.training {' '.join(argv)}` is rejected") from exc
 
 
 def test_served_adapter_path_is_where_distill_writes_it():
@@ -673,10 +673,10 @@ def test_torchrun_script(tmp_path):
     # exists: each rank parses the stage's arguments.
     env = {**os.environ, "NPROC_PER_NODE": "2", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT)}
-    top = subprocess.run([sys.executable, "-m", "training", "--help"], cwd=ROOT, env=env,
+    top = subprocess.run([sys.executable, "-m", "cdlm.training", "--help"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     if top.returncode != 0 or not {"collect", "distill"} <= set(re.findall(r"\w+", top.stdout)):
-        pytest.skip("`python -m training collect/distill` not there yet: syntax checked only")
+        pytest.skip("`python -m cdlm.training collect/distill` not there yet: syntax checked only")
     for stage in ("collect", "distill"):
         res = subprocess.run(["bash", str(script), stage, "--help"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)

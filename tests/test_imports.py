@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cdlm", "server", "training")
+PACKAGES = ("cdlm", "training")   # training/: the `python -m training` alias of a clone
 
 
 def _modules() -> dict[str, Path]:
@@ -75,3 +75,16 @@ def test_scheduling_core_imports_without_torch():
     code = ("import sys, cdlm.scheduler, cdlm.sequence, cdlm.page_allocator, cdlm.step_layout, "
             "cdlm.sampling_params; sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_installed_package_adds_no_generic_top_level_names(tmp_path):
+    """`server` and `training` live inside cdlm: outside a clone they are not importable, and
+    the clone's `python -m training` alias runs the same CLI as `python -m cdlm.training`."""
+    code = ("import importlib.util, sys; "
+            "sys.exit(int(any(importlib.util.find_spec(n) for n in ('server', 'training'))))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
+    alias = subprocess.run([sys.executable, "-m", "training", "--help"], cwd=ROOT,
+                           capture_output=True, text=True)
+    direct = subprocess.run([sys.executable, "-m", "cdlm.training", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert alias.returncode == direct.returncode == 0 and alias.stdout == direct.stdout

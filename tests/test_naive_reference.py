@@ -70,9 +70,9 @@ def test_saturated_confidences_keep_the_reference_order(tmp_path):
 
 def test_engine_and_collect_follow_the_reference_on_the_bundled_teacher():
     from cdlm.default_model import default_model
-    from training.data import chat_prompt_ids
-    from training.decode import decode_bidirectional
-    from training.world.tasks import FAMILIES, generate
+    from cdlm.training.data import chat_prompt_ids
+    from cdlm.training.decode import decode_bidirectional
+    from cdlm.training.world.tasks import FAMILIES, generate
     teacher, _ = default_model()
     tok = Tokenizer.from_pretrained(teacher)
     prompts = [chat_prompt_ids(tok, p.prompt) for family in FAMILIES

@@ -1,10 +1,5 @@
-"""Offline pipeline that turns a diffusion LM teacher into a CDLM student (SPEC section 3).
+"""`python -m training` from a clone: an alias of `python -m cdlm.training` (not installed).
 
-Stages (each a subcommand of `python -m training`, each resumable):
-  world-data  synthetic task families, tokenizer, prompt JSONL (the small world only)
-  teacher     a tiny teacher trained from scratch with the masked-diffusion objective
-  collect     naive-policy teacher trajectories (tokens, finalisation steps, hidden states)
-  distill     the block-causal LoRA student with the three CDLM losses
-  eval        the paper's table: naive teacher, threshold teacher, cut teacher, CDLM student
-  world       all of the above, in order, for the bundled small world
+The pipeline lives in `cdlm.training`, so an installed cdlm never adds a top-level package named
+`training` to a user's environment (docs/ARCHITECTURE.md, "Package layout").
 """

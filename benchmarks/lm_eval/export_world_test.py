@@ -1,6 +1,6 @@
 """Write the bundled world's test problems as JSONL (`prompt`, `answer`, ...) for the
 lm-evaluation-harness task `cdlm_world.yaml`: the first N problems of each family's test split,
-the same ones `python -m training world` writes to runs/world/data/<family>-test.jsonl."""
+the same ones `python -m cdlm.training world` writes to runs/world/data/<family>-test.jsonl."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.world.tasks import FAMILIES, generate
+from cdlm.training.world.tasks import FAMILIES, generate
 
 
 def main() -> None:

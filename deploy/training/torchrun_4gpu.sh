@@ -8,9 +8,9 @@ set -euo pipefail
 NPROC_PER_NODE="${NPROC_PER_NODE:-4}"
 NNODES="${NNODES:-1}"
 if [ "${NNODES}" = "1" ]; then
-  exec torchrun --standalone --nnodes 1 --nproc_per_node "${NPROC_PER_NODE}" -m training "$@"
+  exec torchrun --standalone --nnodes 1 --nproc_per_node "${NPROC_PER_NODE}" -m cdlm.training "$@"
 fi
 exec torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK:?set NODE_RANK}" \
   --nproc_per_node "${NPROC_PER_NODE}" \
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
-  --rdzv_id "${RDZV_ID:-cdlm}" -m training "$@"
+  --rdzv_id "${RDZV_ID:-cdlm}" -m cdlm.training "$@"

@@ -25,7 +25,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        from server.cli import uvicorn_config
+        from cdlm.server.cli import uvicorn_config
         self.server = uvicorn.Server(uvicorn_config(app, log_level="warning",
                                                     timeout_keep_alive=timeout_keep_alive,
                                                     timeout_graceful_shutdown=2))
@@ -56,7 +56,7 @@ class LiveServer:
 
 
 def serve_settings(**overrides: Any) -> dict[str, Any]:
-    from server.cli import add_serve_arguments, resolve_settings
+    from cdlm.server.cli import add_serve_arguments, resolve_settings
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
@@ -66,7 +66,7 @@ def serve_settings(**overrides: Any) -> dict[str, Any]:
 
 
 def make_server(**overrides: Any) -> LiveServer:
-    from server.cli import build_app, build_engine
+    from cdlm.server.cli import build_app, build_engine
 
     settings = serve_settings(**overrides)
     engine = build_engine(settings)

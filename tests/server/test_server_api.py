@@ -301,7 +301,7 @@ def test_streaming_stop_string_across_a_block_boundary(http, live):
 
 
 def test_stop_prefix_holdback_helper():
-    from server.generation import stop_prefix_len as _stop_prefix_len
+    from cdlm.server.generation import stop_prefix_len as _stop_prefix_len
     assert _stop_prefix_len("hello wor", ["world"]) == 3
     assert _stop_prefix_len("hello", ["xyz"]) == 0
     assert _stop_prefix_len("abc", ["c", "bcd"]) == 2

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from server.cli import OPTIONS, add_serve_arguments, resolve_settings
+from cdlm.server.cli import OPTIONS, add_serve_arguments, resolve_settings
 
 
 def _parse(argv):

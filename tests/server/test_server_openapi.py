@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from serverutil import API_KEY
-from server import protocol as P
-from server import responses as R
+from cdlm.server import protocol as P
+from cdlm.server import responses as R
 
 MODEL = "cdlm-default"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -12,8 +12,8 @@ import torch
 from cdlm.models.loader import save_pretrained
 from cdlm.models.transformer import DiffusionLM
 from cdlm.tokenizer import Tokenizer
-from training.teacher import TOKENIZER_FILES, TeacherConfig, model_config
-from training.world.tokenizer import save_tokenizer
+from cdlm.training.teacher import TOKENIZER_FILES, TeacherConfig, model_config
+from cdlm.training.world.tokenizer import save_tokenizer
 
 torch.set_num_threads(1)
 # Helpers beside the tests (launch.py, real_configs.py) import by their plain names.
@@ -46,8 +46,8 @@ def tiny_teacher_dir(tmp_path_factory, world_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_world(tmp_path_factory) -> tuple[Path, dict]:
-    """`python -m training world --preset micro`: every stage for real, in seconds."""
-    from training.world.pipeline import WorldConfig, run_world
+    """`python -m cdlm.training world --preset micro`: every stage for real, in seconds."""
+    from cdlm.training.world.pipeline import WorldConfig, run_world
     root = tmp_path_factory.mktemp("world")
     report = run_world(root, WorldConfig.preset("micro"), log=lambda *_: None)
     return root, report

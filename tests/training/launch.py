@@ -1,4 +1,4 @@
-"""Real launches of `python -m training` for the tests: one process, torchrun, accelerate."""
+"""Real launches of `python -m cdlm.training` for the tests: one process, torchrun, accelerate."""
 
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ def free_port() -> int:
 
 def command(stage_args: list[str], launcher: str = "python", nproc: int = 1) -> list[str]:
     if launcher == "python":
-        return [sys.executable, "-m", "training", *stage_args]
+        return [sys.executable, "-m", "cdlm.training", *stage_args]
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-                "-m", "training", *stage_args]
+                "-m", "cdlm.training", *stage_args]
     if launcher == "accelerate":
         # On a machine without GPUs `accelerate launch --num_processes N` alone runs ONE
         # process; --multi_gpu selects its torchrun launcher (gloo on CPU).
         return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "training", *stage_args]
+                "--main_process_port", str(free_port()), "-m", "cdlm.training", *stage_args]
     raise ValueError(launcher)
 
 

@@ -33,7 +33,7 @@ def test_student_sweep_prints_accuracy_and_steps_per_threshold(micro_world):
 
 
 def test_engine_scaling_table(tmp_path):
-    from training.world.tasks import generate
+    from cdlm.training.world.tasks import generate
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n"
                             for p in generate("math", "test", 6, seed=0)))

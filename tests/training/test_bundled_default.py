@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from cdlm import LLM, SamplingParams
-from training.world.tasks import FAMILIES, final_answer, generate
+from cdlm.training.world.tasks import FAMILIES, final_answer, generate
 
 ASSETS = Path(__file__).resolve().parents[2] / "cdlm" / "assets" / "default"
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "student" / "adapter_config.json").exists(),
-                                reason="no bundled model yet (python -m training export-default)")
+                                reason="no bundled model yet (python -m cdlm.training export-default)")
 
 
 def test_bundled_files_are_a_llada_checkpoint_and_a_peft_adapter():

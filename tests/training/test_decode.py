@@ -7,9 +7,9 @@ import torch
 from cdlm import LLM, SamplingParams
 from cdlm.models.loader import load_model
 from cdlm.tokenizer import Tokenizer
-from training.data import chat_prompt_ids
-from training.decode import decode_bidirectional
-from training.world.tasks import generate
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.decode import decode_bidirectional
+from cdlm.training.world.tasks import generate
 
 
 def test_decoder_matches_engine_bidirectional_naive(tiny_teacher_dir):

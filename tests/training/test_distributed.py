@@ -21,9 +21,9 @@ import pytest
 
 from launch import (adapter, assert_adapters_close, assert_curves_close, env, log_rows,
                     run, start, wait_for_log, command, ROOT, free_port)
-from training.collect import CollectConfig, collect
-from training.distill import DistillConfig, distill
-from training.world.pipeline import collect_prompts
+from cdlm.training.collect import CollectConfig, collect
+from cdlm.training.distill import DistillConfig, distill
+from cdlm.training.world.pipeline import collect_prompts
 
 
 STEPS = 60
@@ -32,7 +32,7 @@ SETTINGS = dict(steps=STEPS, batch_size=5, micro_batch_size=2, lora_r=4, lora_al
 
 
 def distill_args(root: Path, out: Path, **overrides) -> list[str]:
-    """`python -m training distill` argv for SETTINGS (batch 5 over 2 ranks: shares of 3 and
+    """`python -m cdlm.training distill` argv for SETTINGS (batch 5 over 2 ranks: shares of 3 and
     2 rows, micro-batches of 2: uneven shares and gradient accumulation both exercised)."""
     args = ["distill", "--base", str(root / "teacher" / "model"),
             "--trajectories", str(root / "trajectories"), "--out", str(out)]

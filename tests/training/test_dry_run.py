@@ -12,9 +12,9 @@ import torch
 
 from launch import run
 from real_configs import write_real_config
-from training.distill import DistillConfig, make_student, student_losses, _base
-from training.dry_run import SavedTensorCounter, StudentShape, meta_student, trace_student_step
-from training.student_batch import BlockExample, DLMNoise, LossNorm
+from cdlm.training.distill import DistillConfig, make_student, student_losses, _base
+from cdlm.training.dry_run import SavedTensorCounter, StudentShape, meta_student, trace_student_step
+from cdlm.training.student_batch import BlockExample, DLMNoise, LossNorm
 
 
 def fixed_examples(config, shape: StudentShape, block_size: int, seed: int = 0
@@ -88,7 +88,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dream):
 
 
 def _dry_run(tmp_path: Path, capsys, name: str, *flags: str) -> str:
-    from training.__main__ import main
+    from cdlm.training.__main__ import main
     base = write_real_config(tmp_path / name, name)
     main(["distill", "--base", str(base), "--trajectories", str(tmp_path / "none"),
           "--out", str(tmp_path / "out"), "--dry-run", "--processes", "4", *flags])
@@ -123,9 +123,9 @@ def test_dry_run_reads_an_existing_collection(micro_world, tmp_path):
 def test_collect_dry_run_disk_estimate_bounds_the_real_collection(micro_world, tmp_path):
     from cdlm.models.loader import load_config
     from cdlm.tokenizer import Tokenizer
-    from training.collect import CollectConfig, collect, prepare_prompts
-    from training.dry_run import plan_collect
-    from training.world.pipeline import collect_prompts
+    from cdlm.training.collect import CollectConfig, collect, prepare_prompts
+    from cdlm.training.dry_run import plan_collect
+    from cdlm.training.world.pipeline import collect_prompts
     root, _ = micro_world
     teacher, prompts = root / "teacher" / "model", collect_prompts(root, 4)
     printed = run(["collect", "--model", str(teacher), "--prompts", str(prompts), "--out",
@@ -145,7 +145,7 @@ def test_collect_dry_run_disk_estimate_bounds_the_real_collection(micro_world, t
 
 
 def test_bf16_base_keeps_fp32_lora_and_trains(micro_world, tmp_path):
-    from training.distill import distill
+    from cdlm.training.distill import distill
     from launch import adapter, log_rows
     root, _ = micro_world
     cfg = DistillConfig(lora_r=4, lora_alpha=8, steps=3, batch_size=4, log_every=1,

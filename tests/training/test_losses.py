@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cdlm.attention import block_causal_mask, sequence_segments, training_block_causal_mask
-from training.distill import (DistillConfig, block_example, make_student, student_losses,
+from cdlm.training.distill import (DistillConfig, block_example, make_student, student_losses,
                               _base)
-from training.losses import (consistency_loss, distillation_loss, forward_kl,
+from cdlm.training.losses import (consistency_loss, distillation_loss, forward_kl,
                              masked_diffusion_loss)
-from training.trajectories import Trajectory
+from cdlm.training.trajectories import Trajectory
 
 
 def test_kl_losses_are_zero_when_student_equals_target():

@@ -11,11 +11,11 @@ import torch
 
 from cdlm import LLM, SamplingParams
 from cdlm.models.loader import load_model
-from training.collect import CollectConfig, collect
-from training.distill import DistillConfig, distill, make_student, save_adapter
-from training.trajectories import iter_trajectories, read_index, shard_name
-from training.export import export_default
-from training.world.pipeline import collect_prompts
+from cdlm.training.collect import CollectConfig, collect
+from cdlm.training.distill import DistillConfig, distill, make_student, save_adapter
+from cdlm.training.trajectories import iter_trajectories, read_index, shard_name
+from cdlm.training.export import export_default
+from cdlm.training.world.pipeline import collect_prompts
 
 
 def test_micro_world_runs_every_stage(micro_world):
@@ -141,7 +141,7 @@ def test_adapter_loads_through_llm_like_the_peft_model(micro_world, tmp_path):
 
 def test_trajectory_pool_streams_shards(micro_world):
     root, _ = micro_world
-    from training.trajectories import TrajectoryPool
+    from cdlm.training.trajectories import TrajectoryPool
     import random
     names = read_index(root / "trajectories")["shards"]
     assert len(names) >= 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from training.__main__ import parse_args
-from training.collect import CollectConfig
-from training.distill import DistillConfig
-from training.__main__ import _dataclass_from_args
+from cdlm.training.__main__ import parse_args
+from cdlm.training.collect import CollectConfig
+from cdlm.training.distill import DistillConfig
+from cdlm.training.__main__ import _dataclass_from_args
 
 
 def _distill(*flags: str) -> DistillConfig:

@@ -11,9 +11,9 @@ import pytest
 
 from cdlm.tokenizer import Tokenizer
 from launch import run
-from training.collect import CollectConfig, collect, prepare_prompts
-from training.prompts import PromptColumns, load_prompt_rows
-from training.trajectories import iter_trajectories
+from cdlm.training.collect import CollectConfig, collect, prepare_prompts
+from cdlm.training.prompts import PromptColumns, load_prompt_rows
+from cdlm.training.trajectories import iter_trajectories
 
 datasets = pytest.importorskip("datasets")
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import training.distill as distill_module
+import cdlm.training.distill as distill_module
 from launch import log_rows, run
-from training.collect import CollectConfig, collect
-from training.distill import DistillConfig, distill
-from training.io_utils import truncate_log
-from training.teacher import TeacherConfig, train_teacher
-from training.world.build import data_path
-from training.world.pipeline import collect_prompts
+from cdlm.training.collect import CollectConfig, collect
+from cdlm.training.distill import DistillConfig, distill
+from cdlm.training.io_utils import truncate_log
+from cdlm.training.teacher import TeacherConfig, train_teacher
+from cdlm.training.world.build import data_path
+from cdlm.training.world.pipeline import collect_prompts
 
 SETTINGS = dict(steps=10, batch_size=4, lora_r=4, lora_alpha=8, lr=3e-3, warmup=1, w_dlm=1.0,
                 ckpt_every=4, log_every=1, device="cpu")

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from launch import ROOT, env
-from training.collect import CollectConfig, collect
-from training.distill import DistillConfig, distill
-from training.trajectories import (Trajectory, TrajectoryPool, load_shard, save_shard,
+from cdlm.training.collect import CollectConfig, collect
+from cdlm.training.distill import DistillConfig, distill
+from cdlm.training.trajectories import (Trajectory, TrajectoryPool, load_shard, save_shard,
                                    shard_name, write_index)
-from training.world.pipeline import collect_prompts
+from cdlm.training.world.pipeline import collect_prompts
 
 GEN, BLOCK = 64, 32
 
@@ -77,7 +77,7 @@ def test_pool_holds_at_most_max_shards_whatever_the_collection_size(collections)
 
 POOL_RSS = """
 import random, resource, sys
-from training.trajectories import TrajectoryPool
+from cdlm.training.trajectories import TrajectoryPool
 pool = TrajectoryPool(sys.argv[1], max_shards=3, refresh_every=5, rng=random.Random(0))
 rng = random.Random(1)
 for _ in range(4000):
@@ -104,7 +104,7 @@ def test_peak_memory_of_a_streaming_process_is_flat_in_the_number_of_shards(coll
 
 def test_distill_streams_a_collection_of_many_shards(micro_world, collections, tmp_path,
                                                      monkeypatch):
-    import training.trajectories as trajectories
+    import cdlm.training.trajectories as trajectories
     root, _ = micro_world
     loads = []
     real_load = trajectories.load_shard

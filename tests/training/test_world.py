@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from cdlm.tokenizer import Tokenizer
-from training.world.tasks import (FAMILIES, MAKERS, MAX_VALUE, SPLITS, final_answer, generate,
+from cdlm.training.world.tasks import (FAMILIES, MAKERS, MAX_VALUE, SPLITS, final_answer, generate,
                                   parse_answer, split_of)
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,

@@ -1,7 +1,7 @@
 """`cdlm serve`: flags, `CDLM_*` environment variables (flag wins), and the uvicorn runner with
 graceful drain on SIGTERM / SIGINT.
 
-`cdlm/cli.py` calls `add_serve_arguments(parser)` and `run_serve(args)`; `python -m server`
+`cdlm/cli.py` calls `add_serve_arguments(parser)` and `run_serve(args)`; `python -m cdlm.server`
 runs the same thing standalone.
 """
 

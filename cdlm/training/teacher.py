@@ -37,11 +37,11 @@ from cdlm.models.loader import save_pretrained
 from cdlm.models.transformer import DiffusionLM
 from cdlm.attention import block_causal_mask
 from cdlm.tokenizer import Tokenizer
-from training.checkpoint import load_state, rng_state, save_state, set_rng_state
-from training.data import Example, collate_sft, encode_example
-from training.io_utils import append_jsonl, atomic_write_json, read_jsonl
-from training.losses import masked_diffusion_loss, random_answer_mask, sample_mask_ratio
-from training.schedule import warmup_cosine_lr
+from cdlm.training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from cdlm.training.data import Example, collate_sft, encode_example
+from cdlm.training.io_utils import append_jsonl, atomic_write_json, read_jsonl
+from cdlm.training.losses import masked_diffusion_loss, random_answer_mask, sample_mask_ratio
+from cdlm.training.schedule import warmup_cosine_lr
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

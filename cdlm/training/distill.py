@@ -32,17 +32,17 @@ import torch
 
 from cdlm.attention import training_block_causal_mask
 from cdlm.models.loader import load_model
-from training.checkpoint import load_state, rng_state, save_state, set_rng_state
-from training.dist import (DistInfo, all_reduce_sum, barrier, device_for, dist_info,
+from cdlm.training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from cdlm.training.dist import (DistInfo, all_reduce_sum, barrier, device_for, dist_info,
                            process_group, rank_share)
-from training.io_utils import (append_jsonl, atomic_write_json, remove_stale_temporaries,
+from cdlm.training.io_utils import (append_jsonl, atomic_write_json, remove_stale_temporaries,
                                replace_dir, reporting_disk_full, tmp_dir_next_to, truncate_log)
-from training.losses import (answer_mask_from_noise, consistency_loss, distillation_loss,
+from cdlm.training.losses import (answer_mask_from_noise, consistency_loss, distillation_loss,
                              masked_diffusion_loss)
-from training.schedule import warmup_cosine_lr
-from training.student_batch import (BlockExample, DLMNoise, GlobalBatch, LossNorm,  # noqa: F401
+from cdlm.training.schedule import warmup_cosine_lr
+from cdlm.training.student_batch import (BlockExample, DLMNoise, GlobalBatch, LossNorm,  # noqa: F401
                                     block_example, decoded_blocks, draw_global_batch)
-from training.trajectories import TrajectoryPool, read_index
+from cdlm.training.trajectories import TrajectoryPool, read_index
 
 # LoRA targets per family: every attention and MLP projection inside a layer, nothing else.
 LORA_TARGETS = {

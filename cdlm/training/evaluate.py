@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdlm import LLM, SamplingParams
-from training.data import chat_prompt_ids
-from training.io_utils import atomic_write_json, atomic_write_text, read_jsonl
-from training.world.tasks import final_answer
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.io_utils import atomic_write_json, atomic_write_text, read_jsonl
+from cdlm.training.world.tasks import final_answer
 
 NAIVE = "naive teacher"
 NAIVE_WINDOW = "naive teacher, whole window"

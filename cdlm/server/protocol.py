@@ -1,4 +1,4 @@
-"""Request models of the OpenAI-compatible API (responses: `server/responses.py`).
+"""Request models of the OpenAI-compatible API (responses: `cdlm/server/responses.py`).
 
 Requests are validated strictly (no silent coercion of `"16"` to 16, unknown fields rejected;
 an integral float such as `64.0` is accepted where an integer is expected, as vLLM does) and

@@ -1,4 +1,4 @@
-"""`python -m training world`: the whole small-world chain, each stage skipped when done.
+"""`python -m cdlm.training world`: the whole small-world chain, each stage skipped when done.
 
 data + tokenizer -> teacher (from scratch) -> collect -> distill -> eval. Every stage writes its
 outputs atomically and resumes from its own checkpoint, so rerunning the command after an
@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.collect import CollectConfig, collect
-from training.distill import DistillConfig, distill
-from training.evaluate import EvalConfig, evaluate, markdown_table
-from training.evaluate_threshold import ChoiceConfig, choose_threshold
-from training.io_utils import read_jsonl, write_jsonl
-from training.teacher import TeacherConfig, train_teacher
-from training.world.build import build_world_data, data_path
-from training.world.tasks import FAMILIES
+from cdlm.training.collect import CollectConfig, collect
+from cdlm.training.distill import DistillConfig, distill
+from cdlm.training.evaluate import EvalConfig, evaluate, markdown_table
+from cdlm.training.evaluate_threshold import ChoiceConfig, choose_threshold
+from cdlm.training.io_utils import read_jsonl, write_jsonl
+from cdlm.training.teacher import TeacherConfig, train_teacher
+from cdlm.training.world.build import build_world_data, data_path
+from cdlm.training.world.tasks import FAMILIES
 
 
 @dataclass

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.losses import sample_mask_ratio
-from training.trajectories import Trajectory, TrajectoryPool
+from cdlm.training.losses import sample_mask_ratio
+from cdlm.training.trajectories import Trajectory, TrajectoryPool
 
 
 @dataclass

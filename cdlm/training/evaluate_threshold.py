@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdlm import LLM, SamplingParams
-from training.data import chat_prompt_ids
-from training.io_utils import atomic_write_json, read_jsonl
-from training.world.tasks import final_answer
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.io_utils import atomic_write_json, read_jsonl
+from cdlm.training.world.tasks import final_answer
 
 
 @dataclass

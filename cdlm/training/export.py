@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from training.io_utils import replace_dir, tmp_dir_next_to
+from cdlm.training.io_utils import replace_dir, tmp_dir_next_to
 
 ASSETS = Path(__file__).resolve().parent.parent / "cdlm" / "assets" / "default"
 TEACHER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

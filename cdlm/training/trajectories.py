@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.io_utils import reporting_disk_full, temp_path_next_to, write_json_if_changed
+from cdlm.training.io_utils import reporting_disk_full, temp_path_next_to, write_json_if_changed
 
 FIELDS: tuple[str, ...] = ("prompt_ids", "tokens", "steps", "hidden", "answer_ids")
 INDEX = "index.json"

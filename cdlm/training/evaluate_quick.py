@@ -9,10 +9,10 @@ import torch
 
 from cdlm.models.transformer import DiffusionLM
 from cdlm.tokenizer import Tokenizer
-from training.data import chat_prompt_ids
-from training.decode import decode_bidirectional
-from training.io_utils import read_jsonl
-from training.world.tasks import final_answer
+from cdlm.training.data import chat_prompt_ids
+from cdlm.training.decode import decode_bidirectional
+from cdlm.training.io_utils import read_jsonl
+from cdlm.training.world.tasks import final_answer
 
 
 def naive_accuracy(model: DiffusionLM, tokenizer: Tokenizer, rows: list[dict], gen_len: int,

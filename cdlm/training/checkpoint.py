@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from training.io_utils import atomic_write_bytes
+from cdlm.training.io_utils import atomic_write_bytes
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

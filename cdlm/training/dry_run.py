@@ -49,7 +49,7 @@ def meta_student(config: ModelConfig, lora_r: int, lora_alpha: int, base_dtype: 
     """The peft student on the meta device (no memory): same modules as `make_student`."""
     from peft import get_peft_model
 
-    from training.distill import DistillConfig, lora_config
+    from cdlm.training.distill import DistillConfig, lora_config
 
     with torch.device("meta"):
         base = DiffusionLM(config).to(_dtype(base_dtype))
@@ -124,8 +124,8 @@ def trace_student_step(model, shape: StudentShape, block_size: int, w_dlm: bool,
     `fused_attention`: count a fused attention kernel's memory; False: PyTorch's math path."""
     from contextlib import nullcontext
 
-    from training.distill import _base
-    from training.losses import forward_kl, masked_diffusion_loss
+    from cdlm.training.distill import _base
+    from cdlm.training.losses import forward_kl, masked_diffusion_loss
 
     base = _base(model)
     mcfg = base.config
@@ -203,7 +203,7 @@ def plan_distill(config: ModelConfig, cfg, processes: int, trajectories: int, ge
                  block_size: int, prompt_tokens: int, shard_bytes: int,
                  base_dtype: str) -> DistillPlan:
     """Per-GPU memory and step plan of `distill` with DistillConfig `cfg` on `processes` ranks."""
-    from training.distill import optimizer_steps
+    from cdlm.training.distill import optimizer_steps
 
     rows_per_rank = -(-cfg.batch_size // processes)
     micro = min(cfg.micro_batch_size or rows_per_rank, rows_per_rank)
@@ -328,7 +328,7 @@ class CollectPlan:
 
 def plan_collect(config: ModelConfig, cfg, prompt_lens: list[int], skipped: int,
                  processes: int, weight_dtype: str) -> CollectPlan:
-    from training.collect import effective_chunk_size, record_bytes
+    from cdlm.training.collect import effective_chunk_size, record_bytes
 
     longest = max(prompt_lens)
     chunk = effective_chunk_size(cfg, config.hidden_size, longest)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.io_utils import write_jsonl
-from training.world.tasks import FAMILIES, generate
-from training.world.tokenizer import save_tokenizer
+from cdlm.training.io_utils import write_jsonl
+from cdlm.training.world.tasks import FAMILIES, generate
+from cdlm.training.world.tokenizer import save_tokenizer
 
 
 def data_path(root: Path, family: str, split: str) -> Path:

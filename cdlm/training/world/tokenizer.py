@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from training.world.tasks import vocabulary
+from cdlm.training.world.tasks import vocabulary
 
 PAD = "<|pad|>"
 UNK = "<|unk|>"

@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from cdlm.models.loader import load_config, load_model, resolve_model_path
 from cdlm.tokenizer import Tokenizer
-from training.data import answer_ids, chat_prompt_ids
-from training.decode import decode_bidirectional
-from training.dist import device_for, dist_info
-from training.io_utils import remove_stale_temporaries
-from training.prompts import PromptColumns, load_prompt_rows, prompt_messages
-from training.trajectories import (INDEX, Trajectory, build_index, read_index, save_shard,
+from cdlm.training.data import answer_ids, chat_prompt_ids
+from cdlm.training.decode import decode_bidirectional
+from cdlm.training.dist import device_for, dist_info
+from cdlm.training.io_utils import remove_stale_temporaries
+from cdlm.training.prompts import PromptColumns, load_prompt_rows, prompt_messages
+from cdlm.training.trajectories import (INDEX, Trajectory, build_index, read_index, save_shard,
                                    shard_name, write_index)
 
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32")

@@ -1,0 +1,3 @@
+from cdlm.server.cli import exit_process, main
+
+exit_process(main())

@@ -1,3 +1,0 @@
-from server.cli import exit_process, main
-
-exit_process(main())
