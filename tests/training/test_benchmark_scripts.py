@@ -42,3 +42,20 @@ def test_engine_scaling_table(tmp_path):
     for name in ("c=1", "c=4", "c=16", "dp2 (c=8 + c=8)"):
         assert f"| {name} |" in out
     assert "| c=1 | " in (tmp_path / "table.md").read_text()
+
+
+def test_standalone_temperature_sweep_on_the_bundled_model(tmp_path):
+    from cdlm.default_model import default_model
+    from cdlm.training.io_utils import write_jsonl
+    from cdlm.training.world.tasks import generate
+    for family in ("math", "code"):
+        write_jsonl(tmp_path / f"{family}-test.jsonl",
+                    [{"prompt": p.prompt, "result": p.result}
+                     for p in generate(family, "test", 3, seed=0)])
+    teacher, student = default_model()
+    out = _run("benchmarks/temperature_sweep_standalone.py", "--model", teacher, "--lora",
+               student, "--data", str(tmp_path), "--per-family", "3", "--temperatures", "0,1e-9")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["temperature"] for r in rows] == [0.0, 1e-9]
+    # Below 1e-5 is greedy: the same accuracy and steps as temperature 0.
+    assert rows[0]["math"] == rows[1]["math"] and rows[0]["code"] == rows[1]["code"]
