@@ -58,13 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    try:
-        from cdlm.server.cli import add_serve_arguments
-    except ImportError:  # the server package is optional for the offline engine
-        add_serve_arguments = None
-    if add_serve_arguments is not None:
-        add_serve_arguments(serve)
+    from cdlm.server.cli import add_serve_arguments
+    add_serve_arguments(sub.add_parser("serve", help="start the OpenAI-compatible HTTP server"))
     return parser
 
 

@@ -160,7 +160,7 @@ def cmd_choose_threshold(args: argparse.Namespace) -> None:
 
 def cmd_world(args: argparse.Namespace) -> None:
     from cdlm.training.world.pipeline import WorldConfig, run_world
-    run_world(Path(args.out), WorldConfig.preset(args.preset))
+    run_world(Path(args.out), WorldConfig.preset(args.world_size))
 
 
 def cmd_export_default(args: argparse.Namespace) -> None:
@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", help="regenerate the whole small world, every stage resumable")
     p.add_argument("--out", default="runs/world")
-    p.add_argument("--preset", default="full", choices=("full", "micro"))
+    # A world size, not a real family's recipe: its own attribute, so `args.preset` only ever
+    # names a recipe preset.
+    p.add_argument("--preset", dest="world_size", default="full", choices=("full", "micro"))
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("export-default", help="copy a world's teacher + student into "
@@ -270,9 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, with a stage's `--preset` values as the defaults of its flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # `world --preset` names a world size, not a real family's recipe: only the stages that
-    # registered themselves take recipe presets.
-    if getattr(args, "preset", None) and args.command in args.stage_parsers:
+    if getattr(args, "preset", None):
         from cdlm.training.presets import preset_defaults
         args.stage_parsers[args.command].set_defaults(**preset_defaults(args.preset,
                                                                         args.command))

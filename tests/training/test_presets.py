@@ -37,3 +37,10 @@ def test_flags_override_a_preset_and_defaults_stay_without_one():
     plain = _distill()
     assert plain == DistillConfig()
     assert _collect() == CollectConfig()
+
+
+def test_the_world_commands_preset_is_a_world_size_not_a_recipe():
+    # `world --preset micro` once reached the recipe-preset lookup and crashed the command.
+    args = parse_args(["world", "--preset", "micro", "--out", "w"])
+    assert args.world_size == "micro" and getattr(args, "preset", None) is None
+    assert parse_args(["world"]).world_size == "full"
